@@ -310,7 +310,7 @@ pub struct ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-            if self.bytes >= size && self.bytes % size == 0 {
+            if self.bytes >= size && self.bytes.is_multiple_of(size) {
                 return write!(f, "{}{unit}", self.bytes / size);
             }
         }
