@@ -1,0 +1,55 @@
+//! One file per command.
+
+mod diff;
+mod history;
+mod plan;
+mod validate;
+
+use clap::CommandFactory;
+
+use crate::Outcome;
+use crate::cli::{Cli, Command};
+use crate::output::use_color;
+
+pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let color = use_color(cli.color, false);
+    let color_err = use_color(cli.color, true);
+    match cli.command {
+        Command::Validate { project, json } => validate::run(&project.path, json, color_err),
+        Command::Plan {
+            project,
+            json,
+            detailed_exitcode,
+        } => plan::run(&project.path, json, detailed_exitcode, color),
+        Command::History { project, json } => history::run(&project.path, json),
+        Command::Diff { a, b, project, json } => diff::run(&project.path, &a, &b, json, color),
+        Command::Schema => {
+            println!("{}", kiln_spec::schema::json_schema());
+            Ok(Outcome::Success)
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut std::io::stdout());
+            Ok(Outcome::Success)
+        }
+    }
+}
+
+/// Prints an error on stderr: spec diagnostics rendered with their
+/// snippets, everything else as `error: …` with its causes.
+pub fn report(err: &anyhow::Error, color: bool) {
+    if let Some(kiln_spec::LoadError::Invalid(diags)) = err.downcast_ref::<kiln_spec::LoadError>() {
+        eprint!("{}", diags.render(color));
+        return;
+    }
+    if let Some(kiln_engine::EngineError::Load(kiln_spec::LoadError::Invalid(diags))) =
+        err.downcast_ref::<kiln_engine::EngineError>()
+    {
+        eprint!("{}", diags.render(color));
+        return;
+    }
+    let (red, reset) = if color { ("\x1b[1;31m", "\x1b[0m") } else { ("", "") };
+    eprintln!("{red}error{reset}: {err}");
+    for cause in err.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+}
