@@ -14,14 +14,29 @@ pub enum EngineError {
     #[error(transparent)]
     Load(#[from] kiln_spec::LoadError),
     #[error("cannot resolve {spec}:\n{errors}")]
-    Resolve { spec: PathBuf, errors: ResolveErrors },
+    Resolve {
+        spec: PathBuf,
+        errors: ResolveErrors,
+    },
     #[error(transparent)]
     State(#[from] kiln_state::StateError),
-    #[error("generation {number} in {store} is unreadable: {reason}\n  hint: the state was written by an incompatible kiln")]
-    CorruptGeneration { number: u64, store: PathBuf, reason: String },
+    #[error(
+        "generation {number} in {store} is unreadable: {reason}\n  hint: the state was written by an incompatible kiln"
+    )]
+    CorruptGeneration {
+        number: u64,
+        store: PathBuf,
+        reason: String,
+    },
     #[error("instance {id} in {store} is unreadable: {reason}")]
-    CorruptInstance { id: String, store: PathBuf, reason: String },
-    #[error("generation {number} does not exist in {store}\n  hint: `kiln history` lists the generations")]
+    CorruptInstance {
+        id: String,
+        store: PathBuf,
+        reason: String,
+    },
+    #[error(
+        "generation {number} does not exist in {store}\n  hint: `kiln history` lists the generations"
+    )]
     NoSuchGeneration { number: u64, store: PathBuf },
 }
 
@@ -43,7 +58,11 @@ impl Project {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-        Ok(Project { spec_path, dir, spec })
+        Ok(Project {
+            spec_path,
+            dir,
+            spec,
+        })
     }
 
     /// The state directory: `KILN_STATE_DIR` if set, else `.kiln/` next to
@@ -71,7 +90,10 @@ pub fn state_dir_for(project_dir: &Path) -> PathBuf {
 }
 
 /// Decodes a stored generation.
-pub fn decode_generation(store: &Store, record: &GenerationRecord) -> Result<Generation, EngineError> {
+pub fn decode_generation(
+    store: &Store,
+    record: &GenerationRecord,
+) -> Result<Generation, EngineError> {
     serde_json::from_str(&record.body).map_err(|e| EngineError::CorruptGeneration {
         number: record.number,
         store: store.path().to_path_buf(),
@@ -109,8 +131,10 @@ fn decode_instance(store: &Store, r: &InstanceRecord) -> Result<ObservedInstance
         store: store.path().to_path_buf(),
         reason,
     };
-    let spec: InstanceSpec = serde_json::from_value(r.spec.clone()).map_err(|e| corrupt(e.to_string()))?;
-    let status = parse_status(&r.status).ok_or_else(|| corrupt(format!("unknown status `{}`", r.status)))?;
+    let spec: InstanceSpec =
+        serde_json::from_value(r.spec.clone()).map_err(|e| corrupt(e.to_string()))?;
+    let status =
+        parse_status(&r.status).ok_or_else(|| corrupt(format!("unknown status `{}`", r.status)))?;
     Ok(ObservedInstance {
         id: r.id.clone(),
         identity: spec.identity(),

@@ -59,17 +59,18 @@ pub fn resolve(spec: Spec, dir: &Path, env: EnvLookup<'_>) -> Result<Generation,
 
     for (service_name, service) in &spec.services {
         let key = service.image.to_string();
-        if !resolved.images.contains_key(&key) {
+        if let std::collections::btree_map::Entry::Vacant(slot) = resolved.images.entry(key) {
             match &service.image {
                 ImageSource::Local(_) => {} // reported above
                 other => match source_digest(other, dir) {
                     Ok(d) => {
-                        resolved.images.insert(key, d);
+                        slot.insert(d);
                     }
                     Err(why) => problems.push(ResolveProblem {
                         what: format!("service `{service_name}`: image `{other}`"),
                         why,
-                        hint: "check the reference; `kiln image ls` lists the images kiln has".into(),
+                        hint: "check the reference; `kiln image ls` lists the images kiln has"
+                            .into(),
                     }),
                 },
             }
@@ -82,7 +83,10 @@ pub fn resolve(spec: Spec, dir: &Path, env: EnvLookup<'_>) -> Result<Generation,
                 Err(e) => problems.push(ResolveProblem {
                     what: format!("service `{service_name}`: file `{src}` (mounted at {dst})"),
                     why: format!("cannot be read: {e}"),
-                    hint: format!("create {} or fix the path in kiln.toml", dir.join(src).display()),
+                    hint: format!(
+                        "create {} or fix the path in kiln.toml",
+                        dir.join(src).display()
+                    ),
                 }),
             }
         }
@@ -91,7 +95,10 @@ pub fn resolve(spec: Spec, dir: &Path, env: EnvLookup<'_>) -> Result<Generation,
                 SecretSource::File(path) => fs::read(dir.join(path)).map_err(|e| {
                     (
                         format!("cannot be read: {e}"),
-                        format!("put the value in {} (keep it out of version control)", dir.join(path).display()),
+                        format!(
+                            "put the value in {} (keep it out of version control)",
+                            dir.join(path).display()
+                        ),
                     )
                 }),
                 SecretSource::Env(name) => env(name).map(String::into_bytes).ok_or_else(|| {
@@ -105,7 +112,9 @@ pub fn resolve(spec: Spec, dir: &Path, env: EnvLookup<'_>) -> Result<Generation,
                 // Only the digest leaves this function: the value itself is
                 // dropped here and never stored.
                 Ok(bytes) => {
-                    resolved.secrets.insert(secret_key(source), Digest::of(&bytes));
+                    resolved
+                        .secrets
+                        .insert(secret_key(source), Digest::of(&bytes));
                 }
                 Err((why, hint)) => problems.push(ResolveProblem {
                     what: format!("service `{service_name}`: secret `{var}`"),
@@ -145,16 +154,22 @@ fn source_digest(source: &ImageSource, dir: &Path) -> Result<Digest, String> {
 /// The manifest digest of the single image in an OCI image layout.
 fn oci_layout_digest(layout: &Path) -> Result<Digest, String> {
     let index_path = layout.join("index.json");
-    let text = fs::read_to_string(&index_path).map_err(|e| format!("cannot read {}: {e}", index_path.display()))?;
-    let index: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{} is not valid JSON: {e}", index_path.display()))?;
+    let text = fs::read_to_string(&index_path)
+        .map_err(|e| format!("cannot read {}: {e}", index_path.display()))?;
+    let index: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("{} is not valid JSON: {e}", index_path.display()))?;
     let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
     match manifests.as_slice() {
         [one] => one["digest"]
             .as_str()
             .filter(|d| d.starts_with("sha256:"))
             .map(|d| Digest(d.to_owned()))
-            .ok_or_else(|| format!("{} has a manifest without a sha256 digest", index_path.display())),
+            .ok_or_else(|| {
+                format!(
+                    "{} has a manifest without a sha256 digest",
+                    index_path.display()
+                )
+            }),
         [] => Err(format!("{} lists no image", index_path.display())),
         many => Err(format!(
             "{} lists {} images; kiln needs exactly one",
@@ -205,7 +220,10 @@ fn recipe_digest(
         let digest = tree_digest(&src).map_err(|why| ResolveProblem {
             what: format!("image `{name}`: copy source `{}`", copy.src),
             why,
-            hint: format!("create {} (build it first?) or fix `copy` in kiln.toml", src.display()),
+            hint: format!(
+                "create {} (build it first?) or fix `copy` in kiln.toml",
+                src.display()
+            ),
         })?;
         inputs.push((copy.src.clone(), digest));
     }
@@ -215,7 +233,11 @@ fn recipe_digest(
         image,
         inputs,
     };
-    let digest = Digest::of(serde_json::to_string(&recipe).expect("serialises").as_bytes());
+    let digest = Digest::of(
+        serde_json::to_string(&recipe)
+            .expect("serialises")
+            .as_bytes(),
+    );
     visiting.pop();
     done.insert(name.to_owned(), digest.clone());
     Ok(digest)
@@ -236,7 +258,8 @@ fn collect(path: &Path, rel: PathBuf, out: &mut Vec<(String, String)>) -> Result
     let mode = meta.permissions().mode() & 0o7777;
     let rel_s = rel.to_string_lossy().into_owned();
     if meta.file_type().is_symlink() {
-        let target = fs::read_link(path).map_err(|e| format!("cannot read link {}: {e}", path.display()))?;
+        let target =
+            fs::read_link(path).map_err(|e| format!("cannot read link {}: {e}", path.display()))?;
         out.push((rel_s, format!("link {}", target.display())));
     } else if meta.is_dir() {
         out.push((rel_s, format!("dir {mode:o}")));
@@ -253,7 +276,10 @@ fn collect(path: &Path, rel: PathBuf, out: &mut Vec<(String, String)>) -> Result
         let bytes = fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         out.push((rel_s, format!("file {mode:o} {}", Digest::of(&bytes))));
     } else {
-        return Err(format!("{} is not a file, directory or symlink", path.display()));
+        return Err(format!(
+            "{} is not a file, directory or symlink",
+            path.display()
+        ));
     }
     Ok(())
 }
@@ -306,7 +332,10 @@ secrets = { TOKEN = { file = "token" }, KEY = { env = "T_KEY" } }
         assert!(!g1.canonical_json().contains("s3cret-value"));
         fs::write(dir.path().join("token"), "rotated").unwrap();
         let g2 = resolve(spec(SPEC), dir.path(), &env).unwrap();
-        assert_ne!(g1.instance_spec("web").identity(), g2.instance_spec("web").identity());
+        assert_ne!(
+            g1.instance_spec("web").identity(),
+            g2.instance_spec("web").identity()
+        );
     }
 
     #[test]
@@ -325,7 +354,12 @@ secrets = { TOKEN = { file = "token" }, KEY = { env = "T_KEY" } }
         let err = resolve(spec(SPEC), dir.path(), &|_| None).unwrap_err();
         let text = err.to_string();
         assert_eq!(err.0.len(), 4, "{text}");
-        for needle in ["copy source `bin`", "file `app.toml`", "secret `TOKEN`", "T_KEY"] {
+        for needle in [
+            "copy source `bin`",
+            "file `app.toml`",
+            "secret `TOKEN`",
+            "T_KEY",
+        ] {
             assert!(text.contains(needle), "missing {needle:?} in {text}");
         }
     }

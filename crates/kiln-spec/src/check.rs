@@ -28,7 +28,10 @@ pub(crate) fn name(ctx: &mut Ctx, kind: &str, name: &str, span: Range<usize>) ->
                 .label("not a valid name")
                 .hint(format!(
                     "use lowercase letters, digits and `-`, starting with a letter or digit, at most 63 characters (e.g. `{}`)",
-                    fixed.trim_matches('-')
+                    match fixed.trim_matches('-') {
+                        "" => "my-name",
+                        f => f,
+                    }
                 )),
         );
     }

@@ -61,7 +61,10 @@ pub struct Diagnostics {
 impl Diagnostics {
     /// 1-based line and column of a byte offset.
     pub fn line_col(&self, offset: usize) -> (usize, usize) {
-        let offset = offset.min(self.source.len());
+        let mut offset = offset.min(self.source.len());
+        while !self.source.is_char_boundary(offset) {
+            offset -= 1;
+        }
         let before = &self.source[..offset];
         let line = before.matches('\n').count() + 1;
         let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
@@ -71,7 +74,11 @@ impl Diagnostics {
     /// Renders every diagnostic like a compiler does, with ANSI colour when
     /// `color` is set.
     pub fn render(&self, color: bool) -> String {
-        let file = SimpleFile::new(self.file.as_str(), self.source.as_str());
+        // Control characters from an untrusted spec must not reach the
+        // terminal as escape sequences: each becomes `?` (one byte for one
+        // byte, so every span still points at the same place).
+        let source = sanitize(&self.source);
+        let file = SimpleFile::new(self.file.as_str(), source.as_str());
         let config = term::Config::default();
         let mut out = if color {
             termcolor::Buffer::ansi()
@@ -79,7 +86,7 @@ impl Diagnostics {
             termcolor::Buffer::no_color()
         };
         for d in &self.items {
-            let report = to_report(d, self.source.len());
+            let report = to_report(d, &source);
             // Rendering into memory cannot fail for a span inside the file;
             // `to_report` clamps every span to the source.
             let _ = term::emit_to_write_style(&mut out, &config, &file, &report);
@@ -101,14 +108,41 @@ fn clamp(span: &Range<usize>, len: usize) -> Range<usize> {
     start..span.end.clamp(start, len)
 }
 
-fn to_report(d: &Diagnostic, len: usize) -> Report<()> {
-    let mut labels = vec![Label::primary((), clamp(&d.span, len)).with_message(&d.label)];
-    if let Some((span, label)) = &d.related {
-        labels.push(Label::secondary((), clamp(span, len)).with_message(label));
+/// Replaces control characters (but newlines and tabs) with `?`.
+fn sanitize(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' && c != '\r' {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+fn clamp_to(span: &Range<usize>, source: &str) -> Range<usize> {
+    let mut r = clamp(span, source.len());
+    while !source.is_char_boundary(r.start) {
+        r.start -= 1;
     }
-    let mut report = Report::error().with_message(&d.message).with_labels(labels);
+    while !source.is_char_boundary(r.end) {
+        r.end += 1;
+    }
+    r
+}
+
+fn to_report(d: &Diagnostic, source: &str) -> Report<()> {
+    let mut labels =
+        vec![Label::primary((), clamp_to(&d.span, source)).with_message(sanitize(&d.label))];
+    if let Some((span, label)) = &d.related {
+        labels.push(Label::secondary((), clamp_to(span, source)).with_message(sanitize(label)));
+    }
+    let mut report = Report::error()
+        .with_message(sanitize(&d.message))
+        .with_labels(labels);
     if let Some(hint) = &d.hint {
-        report = report.with_notes(vec![format!("hint: {hint}")]);
+        report = report.with_notes(vec![format!("hint: {}", sanitize(hint))]);
     }
     report
 }

@@ -137,7 +137,8 @@ impl fmt::Display for Protocol {
 }
 
 /// A named port of a service. kiln assigns the host port of every instance
-/// and passes it as `PORT_<NAME>` (and `PORT` for the first, by name).
+/// and passes it as `PORT_<NAME>`, and as `PORT` too when it is the
+/// service's only port or is named `http`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Port {
     pub protocol: Protocol,

@@ -95,7 +95,8 @@ pub struct Service {
     pub image: String,
     /// Default 1.
     pub replicas: Option<u32>,
-    /// May use ${PORT}, ${PORT_<NAME>}, ${KILN_SERVICE}, ${KILN_INSTANCE}, env and secret names.
+    /// May use ${PORT}, ${PORT_<NAME>}, ${KILN_SERVICE}, ${KILN_INSTANCE}, ${KILN_GENERATION},
+    /// env and secret names (docs/spec.md).
     pub command: Option<Vec<String>>,
     pub env: Option<BTreeMap<String, String>>,
     /// Instance path → file relative to kiln.toml (read-only, part of the identity).

@@ -65,6 +65,9 @@ pub(crate) struct Claims {
     pub mounts: BTreeMap<String, Vec<(String, Range<usize>, bool)>>,
     /// service → span of an explicit `deploy.strategy`
     pub explicit_strategy: BTreeMap<String, Range<usize>>,
+    /// service → span of a rolling-only key given without a strategy (it
+    /// would be ignored if an exclusive volume forces `recreate`)
+    pub implicit_rolling_keys: BTreeMap<String, (String, Range<usize>)>,
 }
 
 pub(crate) fn read_service(
@@ -109,15 +112,8 @@ pub(crate) fn read_service(
         if !check::env_name(ctx, "environment variable", &k, kspan.clone()) {
             continue;
         }
-        if k == "PORT" || k.starts_with("PORT_") || KILN_VARS.contains(&k.as_str()) {
-            ctx.push(
-                Diagnostic::new(
-                    kspan,
-                    format!("`{k}` is set by kiln and cannot be overridden"),
-                )
-                .label("reserved variable")
-                .hint("kiln passes each port as PORT_<NAME> (and PORT); pick another name"),
-            );
+        if is_reserved(&k) {
+            ctx.push(reserved(&k, kspan));
             continue;
         }
         env_spans.push((v.clone(), vspan));
@@ -150,7 +146,9 @@ pub(crate) fn read_service(
 
     let mounts = read_mounts(ctx, name, t, volumes, claims);
     for (dst, span) in files.keys().zip(std::iter::repeat(t.span.clone())) {
-        if let Some(vol) = mounts.keys().find(|m| dst.starts_with(&format!("{m}/"))) {
+        if let Some(vol) = mounts.keys().find(|m| {
+            *m == dst || dst.starts_with(&format!("{m}/")) || m.starts_with(&format!("{dst}/"))
+        }) {
             ctx.push(
                 Diagnostic::new(
                     t.key_span("files").unwrap_or(span),
@@ -196,6 +194,20 @@ pub(crate) fn read_service(
         drift: drift?,
         stop_grace,
     })
+}
+
+/// Variables kiln sets itself, which neither `env` nor `secrets` may name.
+pub(crate) fn is_reserved(var: &str) -> bool {
+    var == "PORT" || var.starts_with("PORT_") || KILN_VARS.contains(&var)
+}
+
+pub(crate) fn reserved(var: &str, span: Range<usize>) -> Diagnostic {
+    Diagnostic::new(
+        span,
+        format!("`{var}` is set by kiln and cannot be overridden"),
+    )
+    .label("reserved variable")
+    .hint("kiln passes each port as PORT_<NAME> (and PORT); pick another name")
 }
 
 fn read_ports(ctx: &mut Ctx, t: &Table<'_, '_>) -> BTreeMap<String, Port> {
@@ -246,6 +258,10 @@ fn read_secrets(
     };
     for (var, vspan, sv) in st.iter() {
         if !check::env_name(ctx, "secret", var, vspan.clone()) {
+            continue;
+        }
+        if is_reserved(var) {
+            ctx.push(reserved(var, vspan.clone()));
             continue;
         }
         if env.contains_key(var) {
@@ -475,6 +491,9 @@ fn read_health(
             HealthCheck::Tcp { port }
         }
         _ => {
+            if h.get("port").is_some() {
+                check_port(ctx);
+            }
             let cmd = h.strings(ctx, "exec")?;
             if cmd.is_empty() {
                 ctx.push(
@@ -574,6 +593,15 @@ fn read_deploy(
     only(ctx, "max_unavailable", "rolling");
     only(ctx, "steps", "canary");
     only(ctx, "hold", "canary");
+    if strategy.is_none()
+        && let Some((key, span)) = ["max_surge", "max_unavailable"]
+            .iter()
+            .find_map(|k| d.key_span(k).map(|s| (k.to_string(), s)))
+    {
+        claims
+            .implicit_rolling_keys
+            .insert(name.to_owned(), (key, span));
+    }
     deploy.strategy = match kind {
         "rolling" => {
             let max_surge = d.int(ctx, "max_surge", 0, 1000).map_or(1, |n| n as u32);
@@ -589,7 +617,7 @@ fn read_deploy(
             }
             if replicas > 0 && max_unavailable >= replicas && d.get("max_unavailable").is_some() {
                 ctx.push(
-                    Diagnostic::new(d.get("max_unavailable").map_or(v.span(), |v| v.span()), format!("max_unavailable = {max_unavailable} would let all {replicas} replicas go down at once"))
+                    Diagnostic::new(d.get("max_unavailable").map_or(v.span(), |v| v.span()), format!("max_unavailable = {max_unavailable} would let all {replicas} replica{} go down at once", if replicas == 1 { "" } else { "s" }))
                         .label("no instance guaranteed")
                         .hint("use strategy = \"recreate\" if downtime is acceptable, or lower max_unavailable"),
                 );
@@ -696,8 +724,14 @@ fn read_resources(ctx: &mut Ctx, t: &Table<'_, '_>) -> Option<Resources> {
     if let Some(c) = rt.get("cpus") {
         let path = rt.child_path("cpus");
         let value = match c.get_ref() {
-            DeValue::Float(f) => f.as_str().parse::<f64>().ok(),
-            DeValue::Integer(i) => i.as_str().parse::<f64>().ok(),
+            // A number that does not parse becomes NaN, which the range
+            // check below refuses: it must never be dropped silently.
+            DeValue::Float(f) => Some(f.as_str().parse::<f64>().unwrap_or(f64::NAN)),
+            // `as_str` holds the digits in the integer's own radix (`0x10`
+            // is "10" with radix 16), so read it with that radix.
+            DeValue::Integer(i) => {
+                Some(i64::from_str_radix(i.as_str(), i.radix()).map_or(f64::NAN, |n| n as f64))
+            }
             _ => {
                 ctx.expected(c, "a number of CPUs", &path);
                 None
@@ -790,7 +824,18 @@ pub(crate) fn check_volume_claims(
                             .hint(format!("set strategy = \"recreate\", or declare [volume.{vol}] exclusive = false if concurrent writers are safe")),
                     );
                 }
-                _ => svc.deploy.strategy = Strategy::Recreate,
+                Some(_) => {}
+                None => {
+                    if let Some((key, kspan)) = claims.implicit_rolling_keys.get(svc_name) {
+                        ctx.push(
+                            Diagnostic::new(kspan.clone(), format!("`{key}` would be ignored: service `{svc_name}` writes to exclusive volume `{vol}`, so it deploys with \"recreate\""))
+                                .label("applies only to rolling")
+                                .related(span.clone(), "exclusive volume mounted here")
+                                .hint(format!("remove `{key}` and write strategy = \"recreate\", or declare [volume.{vol}] exclusive = false")),
+                        );
+                    }
+                    svc.deploy.strategy = Strategy::Recreate;
+                }
             }
         }
     }

@@ -269,7 +269,9 @@ fn read_image(
     let cmd = argv(ctx, "cmd");
     let mut env = BTreeMap::new();
     for (k, (v, kspan, _)) in t.string_map(ctx, "env") {
-        if check::env_name(ctx, "environment variable", &k, kspan) {
+        if crate::service::is_reserved(&k) {
+            ctx.push(crate::service::reserved(&k, kspan));
+        } else if check::env_name(ctx, "environment variable", &k, kspan) {
             env.insert(k, v);
         }
     }
@@ -621,7 +623,11 @@ fn read_policy(ctx: &mut Ctx, root: &Table<'_, '_>) -> Option<Policy> {
     policy.keep_generations = t
         .int(ctx, "keep_generations", 1, 1_000_000)
         .map(|n| n as u32);
-    if policy.require_signed && policy.trusted_keys.is_empty() && t.get("trusted_keys").is_none() {
+    let listed = t
+        .get("trusted_keys")
+        .and_then(|v| v.get_ref().as_array())
+        .map_or(0, |a| a.len());
+    if policy.require_signed && policy.trusted_keys.is_empty() && listed == 0 {
         ctx.push(
             Diagnostic::new(
                 t.key_span("require_signed").unwrap_or(0..0),

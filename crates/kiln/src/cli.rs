@@ -39,7 +39,9 @@ pub struct ProjectArg {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Check a kiln.toml and report every problem with its location
-    #[command(after_help = "Examples:\n  kiln validate\n  kiln validate examples/hello/kiln.toml\n\nExit status: 0 valid, 1 invalid.")]
+    #[command(
+        after_help = "Examples:\n  kiln validate\n  kiln validate examples/hello/kiln.toml\n\nExit status: 0 valid, 1 invalid."
+    )]
     Validate {
         #[command(flatten)]
         project: ProjectArg,
@@ -48,7 +50,9 @@ pub enum Command {
         json: bool,
     },
     /// Show what applying the spec would do, like `terraform plan`
-    #[command(after_help = "Examples:\n  kiln plan\n  kiln plan examples/hello --json\n  kiln plan --detailed-exitcode   # 0 no changes, 2 changes, 1 error")]
+    #[command(
+        after_help = "Examples:\n  kiln plan\n  kiln plan examples/hello --json\n  kiln plan --detailed-exitcode   # 0 no changes, 2 changes, 1 error"
+    )]
     Plan {
         #[command(flatten)]
         project: ProjectArg,
@@ -68,7 +72,9 @@ pub enum Command {
         json: bool,
     },
     /// Field-level differences between two generations
-    #[command(after_help = "A and B are generation numbers, `active`, `latest`, or `spec` (the kiln.toml on disk, resolved now).\n\nExamples:\n  kiln diff 3 4\n  kiln diff active spec\n  kiln diff 1 latest --json")]
+    #[command(
+        after_help = "A and B are generation numbers, `active`, `latest`, or `spec` (the kiln.toml on disk, resolved now).\n\nExamples:\n  kiln diff 3 4\n  kiln diff active spec\n  kiln diff 1 latest --json"
+    )]
     Diff {
         /// The old side
         a: String,
@@ -82,7 +88,9 @@ pub enum Command {
     /// Print the JSON Schema of kiln.toml (for editors)
     Schema,
     /// Print a shell completion script
-    #[command(after_help = "Examples:\n  kiln completions bash > /etc/bash_completion.d/kiln\n  kiln completions zsh > \"${fpath[1]}/_kiln\"")]
+    #[command(
+        after_help = "Examples:\n  kiln completions bash > /etc/bash_completion.d/kiln\n  kiln completions zsh > \"${fpath[1]}/_kiln\""
+    )]
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,

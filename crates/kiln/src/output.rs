@@ -24,5 +24,8 @@ pub fn use_color(choice: Color, stderr: bool) -> bool {
 
 /// Prints a JSON value on stdout.
 pub fn print_json<T: serde::Serialize>(value: &T) {
-    println!("{}", serde_json::to_string_pretty(value).expect("serialises"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("serialises")
+    );
 }

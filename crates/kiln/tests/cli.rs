@@ -91,7 +91,11 @@ fn record_applied(dir: &Path) -> u64 {
         })
         .unwrap();
     store
-        .set_generation_status(record.number, kiln_state::GenerationStatus::Active, "applied by test")
+        .set_generation_status(
+            record.number,
+            kiln_state::GenerationStatus::Active,
+            "applied by test",
+        )
         .unwrap();
     write_instances(&store, &after, record.number);
     record.number
@@ -146,7 +150,11 @@ fn missing_spec_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = kiln(dir.path(), &["plan"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("cannot read spec"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot read spec"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -156,9 +164,15 @@ fn plan_of_a_fresh_project_creates_everything_and_writes_nothing() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(text.contains("# service.web will be created"), "{text}");
-    assert!(text.contains("Plan: 3 to create, 0 to replace, 0 to destroy, 1 route to change."), "{text}");
+    assert!(
+        text.contains("Plan: 3 to create, 0 to replace, 0 to destroy, 1 route to change."),
+        "{text}"
+    );
     assert!(!text.contains('\x1b'), "NO_COLOR must disable colour");
-    assert!(!dir.path().join(".kiln").exists(), "plan must not create state");
+    assert!(
+        !dir.path().join(".kiln").exists(),
+        "plan must not create state"
+    );
 
     let out = kiln(dir.path(), &["plan", "--detailed-exitcode"]);
     assert_eq!(out.status.code(), Some(2));
@@ -175,7 +189,13 @@ fn plan_after_apply_is_empty_then_names_the_field_that_forces_replacement() {
     let dir = project();
     record_applied(dir.path());
     let out = kiln(dir.path(), &["plan", "--detailed-exitcode"]);
-    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
     assert!(stdout(&out).contains("No changes"), "{}", stdout(&out));
 
     // A config file's content is part of the identity.
@@ -184,13 +204,19 @@ fn plan_after_apply_is_empty_then_names_the_field_that_forces_replacement() {
     let text = stdout(&out);
     assert!(text.contains("-/+"), "{text}");
     assert!(text.contains("files.\"/etc/app.toml\""), "{text}");
-    assert!(text.contains("Plan: 0 to create, 3 to replace, 0 to destroy."), "{text}");
+    assert!(
+        text.contains("Plan: 0 to create, 3 to replace, 0 to destroy."),
+        "{text}"
+    );
 
     // A rotated secret replaces too, and its value never shows.
     fs::write(dir.path().join(".secrets/token"), "rotated-secret").unwrap();
     let text = stdout(&kiln(dir.path(), &["plan"]));
     assert!(text.contains("secrets.TOKEN"), "{text}");
-    assert!(!text.contains("rotated-secret") && !text.contains("very-secret-value"), "{text}");
+    assert!(
+        !text.contains("rotated-secret") && !text.contains("very-secret-value"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -198,9 +224,16 @@ fn scaling_only_creates() {
     let dir = project();
     record_applied(dir.path());
     let spec = fs::read_to_string(dir.path().join("kiln.toml")).unwrap();
-    fs::write(dir.path().join("kiln.toml"), spec.replace("replicas = 3", "replicas = 5")).unwrap();
+    fs::write(
+        dir.path().join("kiln.toml"),
+        spec.replace("replicas = 3", "replicas = 5"),
+    )
+    .unwrap();
     let text = stdout(&kiln(dir.path(), &["plan"]));
-    assert!(text.contains("Plan: 2 to create, 0 to replace, 0 to destroy."), "{text}");
+    assert!(
+        text.contains("Plan: 2 to create, 0 to replace, 0 to destroy."),
+        "{text}"
+    );
 }
 
 #[test]
@@ -242,7 +275,11 @@ fn history_and_diff_read_the_store() {
 
     let first = record_applied(dir.path());
     let spec = fs::read_to_string(dir.path().join("kiln.toml")).unwrap();
-    fs::write(dir.path().join("kiln.toml"), spec.replace("RUST_LOG = \"info\"", "RUST_LOG = \"debug\"")).unwrap();
+    fs::write(
+        dir.path().join("kiln.toml"),
+        spec.replace("RUST_LOG = \"info\"", "RUST_LOG = \"debug\""),
+    )
+    .unwrap();
     let second = record_applied(dir.path());
     assert_eq!((first, second), (1, 2));
 
@@ -250,12 +287,18 @@ fn history_and_diff_read_the_store() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json.as_array().unwrap().len(), 2);
     let text = stdout(&kiln(dir.path(), &["history"]));
-    assert!(text.lines().count() == 3 && text.starts_with("GEN"), "{text}");
+    assert!(
+        text.lines().count() == 3 && text.starts_with("GEN"),
+        "{text}"
+    );
 
     let out = kiln(dir.path(), &["diff", "1", "2"]);
     let text = stdout(&out);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(text.contains("~ spec.services.web.env.RUST_LOG: \"info\" → \"debug\""), "{text}");
+    assert!(
+        text.contains("~ spec.services.web.env.RUST_LOG: \"info\" → \"debug\""),
+        "{text}"
+    );
     assert!(text.contains("1 change."), "{text}");
 
     let text = stdout(&kiln(dir.path(), &["diff", "active", "spec"]));
@@ -263,7 +306,11 @@ fn history_and_diff_read_the_store() {
 
     let out = kiln(dir.path(), &["diff", "1", "9"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("generation 9 does not exist"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("generation 9 does not exist"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -283,7 +330,10 @@ fn schema_and_completions() {
     assert!(schema["properties"]["service"].is_object(), "{schema:#}");
     for shell in ["bash", "zsh", "fish"] {
         let out = kiln(dir.path(), &["completions", shell]);
-        assert!(out.status.success() && stdout(&out).contains("validate"), "{shell}");
+        assert!(
+            out.status.success() && stdout(&out).contains("validate"),
+            "{shell}"
+        );
     }
 }
 

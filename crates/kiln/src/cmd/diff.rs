@@ -27,12 +27,14 @@ fn side(path: &Path, which: &str) -> anyhow::Result<(String, Generation)> {
         return Ok(("the spec on disk".into(), project.generation()?));
     }
     let Some(store) = existing_store(path)? else {
-        bail!("no generations yet, so there is no `{which}` to compare\n  hint: compare against `spec` or apply first");
+        bail!(
+            "no generations yet, so there is no `{which}` to compare\n  hint: compare against `spec` or apply first"
+        );
     };
     let record = match which {
-        "active" => store
-            .active_generation()?
-            .with_context(|| "no generation is active\n  hint: `kiln history` lists the generations")?,
+        "active" => store.active_generation()?.with_context(
+            || "no generation is active\n  hint: `kiln history` lists the generations",
+        )?,
         "latest" => store
             .latest_generation()?
             .with_context(|| "no generation exists yet")?,
@@ -43,7 +45,10 @@ fn side(path: &Path, which: &str) -> anyhow::Result<(String, Generation)> {
             return Ok((format!("generation {n}"), load_generation(&store, n)?));
         }
     };
-    Ok((format!("generation {}", record.number), decode_generation(&store, &record)?))
+    Ok((
+        format!("generation {}", record.number),
+        decode_generation(&store, &record)?,
+    ))
 }
 
 pub fn run(path: &Path, a: &str, b: &str, json: bool, color: bool) -> anyhow::Result<Outcome> {
@@ -60,21 +65,35 @@ pub fn run(path: &Path, a: &str, b: &str, json: bool, color: bool) -> anyhow::Re
         });
         return Ok(Outcome::Success);
     }
-    let paint = |code: &str, text: String| if color { format!("\x1b[{code}m{text}\x1b[0m") } else { text };
+    let paint = |code: &str, text: String| {
+        if color {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text
+        }
+    };
     println!("{a_name} → {b_name}");
     if changes.is_empty() {
         println!("No differences.");
         return Ok(Outcome::Success);
     }
-    let show = |v: &Option<serde_json::Value>| v.as_ref().map_or_else(String::new, |v| v.to_string());
+    let show =
+        |v: &Option<serde_json::Value>| v.as_ref().map_or_else(String::new, |v| v.to_string());
     for c in &changes {
         let line = match (&c.old, &c.new) {
             (None, Some(_)) => paint("32", format!("  + {} = {}", c.path, show(&c.new))),
             (Some(_), None) => paint("31", format!("  - {} = {}", c.path, show(&c.old))),
-            _ => paint("33", format!("  ~ {}: {} → {}", c.path, show(&c.old), show(&c.new))),
+            _ => paint(
+                "33",
+                format!("  ~ {}: {} → {}", c.path, show(&c.old), show(&c.new)),
+            ),
         };
         println!("{line}");
     }
-    println!("{} change{}.", changes.len(), if changes.len() == 1 { "" } else { "s" });
+    println!(
+        "{} change{}.",
+        changes.len(),
+        if changes.len() == 1 { "" } else { "s" }
+    );
     Ok(Outcome::Success)
 }

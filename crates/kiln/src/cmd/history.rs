@@ -32,7 +32,10 @@ pub fn run(path: &Path, json: bool) -> anyhow::Result<Outcome> {
         eprintln!("No generations yet: nothing has been applied to this project.");
         return Ok(Outcome::Success);
     }
-    println!("{:<5} {:<24} {:<9} {:<12} {:<19} MESSAGE", "GEN", "CREATED", "ORIGIN", "STATUS", "HASH");
+    println!(
+        "{:<5} {:<24} {:<9} {:<12} {:<19} MESSAGE",
+        "GEN", "CREATED", "ORIGIN", "STATUS", "HASH"
+    );
     for g in &generations {
         let origin = match g.rollback_of {
             Some(of) => format!("rollback:{of}"),

@@ -22,7 +22,12 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             detailed_exitcode,
         } => plan::run(&project.path, json, detailed_exitcode, color),
         Command::History { project, json } => history::run(&project.path, json),
-        Command::Diff { a, b, project, json } => diff::run(&project.path, &a, &b, json, color),
+        Command::Diff {
+            a,
+            b,
+            project,
+            json,
+        } => diff::run(&project.path, &a, &b, json, color),
         Command::Schema => {
             println!("{}", kiln_spec::schema::json_schema());
             Ok(Outcome::Success)
@@ -47,7 +52,11 @@ pub fn report(err: &anyhow::Error, color: bool) {
         eprint!("{}", diags.render(color));
         return;
     }
-    let (red, reset) = if color { ("\x1b[1;31m", "\x1b[0m") } else { ("", "") };
+    let (red, reset) = if color {
+        ("\x1b[1;31m", "\x1b[0m")
+    } else {
+        ("", "")
+    };
     eprintln!("{red}error{reset}: {err}");
     for cause in err.chain().skip(1) {
         eprintln!("  caused by: {cause}");
