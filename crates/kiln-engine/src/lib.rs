@@ -6,8 +6,10 @@
 //! image store and the proxy join here as they are built; none of those
 //! crates depends on another, only this one composes them.
 
+pub mod images;
 pub mod project;
 pub mod resolve;
 
+pub use images::{ImageResolver, StoreImages};
 pub use project::{EngineError, Project};
 pub use resolve::{ResolveErrors, ResolveProblem, resolve};

@@ -6,6 +6,7 @@ use kiln_plan::{Generation, InstanceSpec, InstanceStatus, Observed, ObservedInst
 use kiln_spec::Spec;
 use kiln_state::{GenerationRecord, InstanceRecord, Store};
 
+use crate::images::{StoreImages, source_date_epoch};
 use crate::resolve::{ResolveErrors, resolve};
 
 /// Everything that can stop the engine, each naming what it was doing.
@@ -20,6 +21,8 @@ pub enum EngineError {
     },
     #[error(transparent)]
     State(#[from] kiln_state::StateError),
+    #[error(transparent)]
+    Image(#[from] kiln_image::ImageError),
     #[error(
         "generation {number} in {store} is unreadable: {reason}\n  hint: the state was written by an incompatible kiln"
     )]
@@ -71,13 +74,58 @@ impl Project {
         state_dir_for(&self.dir)
     }
 
-    /// Resolves the spec into a generation, reading files and secrets.
+    /// The image store: `$KILN_HOME/images` if `KILN_HOME` is set (one
+    /// store shared by every project of a host), else `images/` in the
+    /// state directory.
+    pub fn image_store_dir(&self) -> PathBuf {
+        image_store_dir_for(&self.dir)
+    }
+
+    /// Opens (creating if needed) the image store.
+    pub fn image_store(&self) -> Result<kiln_image::Store, EngineError> {
+        Ok(kiln_image::Store::open(&self.image_store_dir())?)
+    }
+
+    /// Resolves the spec into a generation: builds the file's images
+    /// (cached), reads files and secrets, checks the signature policy.
     pub fn generation(&self) -> Result<Generation, EngineError> {
-        let env = |name: &str| std::env::var(name).ok();
-        resolve(self.spec.clone(), &self.dir, &env).map_err(|errors| EngineError::Resolve {
+        let store = self.image_store()?;
+        let mut quiet = kiln_image::progress::Quiet;
+        self.generation_with(&store, &mut quiet)
+    }
+
+    /// [`Project::generation`] with a given store and build progress.
+    pub fn generation_with(
+        &self,
+        store: &kiln_image::Store,
+        progress: &mut dyn kiln_image::progress::Progress,
+    ) -> Result<Generation, EngineError> {
+        let resolve_err = |errors| EngineError::Resolve {
             spec: self.spec_path.clone(),
             errors,
-        })
+        };
+        let epoch = source_date_epoch().map_err(|why| {
+            resolve_err(ResolveErrors(vec![crate::resolve::ResolveProblem {
+                what: "SOURCE_DATE_EPOCH".into(),
+                why,
+                hint: "set it to whole seconds since 1970, or unset it".into(),
+            }]))
+        })?;
+        let mut images = StoreImages {
+            store,
+            source_date_epoch: epoch,
+            progress,
+        };
+        let env = |name: &str| std::env::var(name).ok();
+        resolve(self.spec.clone(), &self.dir, &env, &mut images).map_err(resolve_err)
+    }
+}
+
+/// `$KILN_HOME/images`, or `images/` in the project's state directory.
+pub fn image_store_dir_for(project_dir: &Path) -> PathBuf {
+    match std::env::var_os("KILN_HOME") {
+        Some(home) if !home.is_empty() => PathBuf::from(home).join("images"),
+        _ => state_dir_for(project_dir).join("images"),
     }
 }
 

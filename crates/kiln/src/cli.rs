@@ -63,6 +63,22 @@ pub enum Command {
         #[arg(long)]
         detailed_exitcode: bool,
     },
+    /// Build every [image.NAME] of the spec (reproducible, cached)
+    #[command(
+        after_help = "Examples:\n  kiln build\n  kiln build examples/hello --json\n  SOURCE_DATE_EPOCH=1700000000 kiln build   # the only time inside an image"
+    )]
+    Build {
+        #[command(flatten)]
+        project: ProjectArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage the image store: list, inspect, import, export, push, pull, sign, verify, gc
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Manage signing keys
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// List the generations, oldest first
     #[command(after_help = "Examples:\n  kiln history\n  kiln history examples/hello --json")]
     History {
@@ -95,4 +111,187 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+/// Where the image store is.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// The project (a kiln.toml or its directory) whose store to use
+    #[arg(
+        short = 'C',
+        long = "project",
+        value_name = "PATH",
+        default_value = ".",
+        global = true
+    )]
+    pub project: PathBuf,
+    /// The image store directory [default: $KILN_HOME/images, else .kiln/images next to kiln.toml]
+    #[arg(long, env = "KILN_IMAGE_STORE", value_name = "DIR", global = true)]
+    pub store: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// An OCI image layout directory (skopeo `oci:DIR`, umoci)
+    Oci,
+    /// A `docker save` tarball for `docker load`
+    Docker,
+}
+
+#[derive(Debug, Args)]
+pub struct RegistryArgs {
+    /// Allow plain HTTP to a registry that is not on this machine
+    #[arg(long)]
+    pub insecure: bool,
+    /// Registry user name (the password is read from KILN_REGISTRY_PASSWORD)
+    #[arg(long, requires = "password_env")]
+    pub username: Option<String>,
+    /// Environment variable holding the registry password
+    #[arg(long, value_name = "VAR", default_value = "KILN_REGISTRY_PASSWORD")]
+    pub password_env: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// List the images in the store
+    Ls {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an image's manifest digest, layers and config
+    #[command(
+        after_help = "REF is a name, a digest, or a digest prefix of at least 12 hex digits."
+    )]
+    Inspect {
+        reference: String,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Print the manifest and config documents
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import an OCI image layout directory or a `docker save` tarball
+    #[command(
+        after_help = "Examples:\n  kiln image import ./layout\n  docker save app:1 -o app.tar && kiln image import app.tar --name app"
+    )]
+    Import {
+        path: PathBuf,
+        /// Name the imported image (when the source holds one)
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Export an image as an OCI layout directory or a docker-archive tarball
+    #[command(
+        after_help = "Examples:\n  kiln image export web --output ./out            # OCI layout, skopeo inspect oci:out:web\n  kiln image export web --format docker --tag web:1 --output web.tar && docker load -i web.tar"
+    )]
+    Export {
+        reference: String,
+        #[arg(long, short)]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value_t = ExportFormat::Oci)]
+        format: ExportFormat,
+        /// Name inside the export (default: the image's name, or `kiln:DIGEST12`)
+        #[arg(long)]
+        tag: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Push an image (and its signature) to an OCI registry, byte for byte
+    #[command(after_help = "Example:\n  kiln image push web 127.0.0.1:5000/shop/web:1")]
+    Push {
+        reference: String,
+        /// registry/repository[:tag]
+        target: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Pull an image (and its signature, if any) from an OCI registry
+    #[command(after_help = "Example:\n  kiln image pull 127.0.0.1:5000/shop/web@sha256:…")]
+    Pull {
+        /// registry/repository[:tag][@sha256:…]
+        source: String,
+        /// Local name (default: the repository's last path segment)
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Remove names from the store (blobs go at the next `gc`)
+    Rm {
+        #[arg(required = true)]
+        references: Vec<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Delete blobs that no name and no retained generation needs
+    Gc {
+        /// Only report what would be removed
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep unreachable blobs younger than this (an import or build may be using them)
+        #[arg(long, default_value = "15m", value_parser = parse_duration)]
+        grace: std::time::Duration,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Verify the whole store, or an image's signature with --key
+    #[command(
+        after_help = "Examples:\n  kiln image verify                         # hash every blob, check every image\n  kiln image verify web --key keys/release.pub\n\nExit status: 0 intact / signed by a trusted key, 1 otherwise."
+    )]
+    Verify {
+        reference: Option<String>,
+        /// Trusted public key(s); requires REF
+        #[arg(long = "key", requires = "reference")]
+        keys: Vec<PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Sign an image's manifest with a minisign secret key
+    #[command(
+        after_help = "Example:\n  kiln key generate release && kiln image sign web --key keys/release.key"
+    )]
+    Sign {
+        reference: String,
+        #[arg(long)]
+        key: PathBuf,
+        /// Environment variable holding the key's password, if it has one
+        #[arg(long, value_name = "VAR")]
+        password_env: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Print an image's SBOM (SPDX 2.3 JSON): every file and its digest
+    Sbom {
+        reference: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Generate a minisign key pair: DIR/NAME.key (secret, mode 0600) and DIR/NAME.pub
+    #[command(
+        after_help = "Example:\n  kiln key generate release      # keys/release.key, keys/release.pub"
+    )]
+    Generate {
+        name: String,
+        #[arg(long, default_value = "keys")]
+        dir: PathBuf,
+        /// Environment variable holding a password to encrypt the secret key
+        #[arg(long, value_name = "VAR")]
+        password_env: Option<String>,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    kiln_spec::units::parse_duration(text).map(|d| d.as_std())
 }

@@ -170,7 +170,7 @@ fn plan_of_a_fresh_project_creates_everything_and_writes_nothing() {
     );
     assert!(!text.contains('\x1b'), "NO_COLOR must disable colour");
     assert!(
-        !dir.path().join(".kiln").exists(),
+        !dir.path().join(".kiln").join(kiln_state::DB_FILE).exists(),
         "plan must not create state"
     );
 

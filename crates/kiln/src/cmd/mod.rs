@@ -1,8 +1,12 @@
 //! One file per command.
 
+mod build;
 mod diff;
 mod history;
+mod image;
+mod key;
 mod plan;
+mod transfer;
 mod validate;
 
 use clap::CommandFactory;
@@ -21,6 +25,9 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             json,
             detailed_exitcode,
         } => plan::run(&project.path, json, detailed_exitcode, color),
+        Command::Build { project, json } => build::run(&project.path, json),
+        Command::Image(cmd) => image::run(cmd),
+        Command::Key(cmd) => key::run(cmd),
         Command::History { project, json } => history::run(&project.path, json),
         Command::Diff {
             a,

@@ -1,0 +1,93 @@
+//! Errors of the image crate: each names the operation and the resource.
+
+use std::path::PathBuf;
+
+use crate::digest::Digest;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("blob {digest} is corrupted: {} does not hash to its name; it was refused and not used\n  hint: `kiln image verify` checks the whole store; re-import or rebuild the image", path.display())]
+    Corrupt { digest: Digest, path: PathBuf },
+    #[error("blob {digest} is missing from the store ({})\n  hint: re-import or rebuild the image; `kiln image verify` lists what else is missing", path.display())]
+    BlobMissing { digest: Digest, path: PathBuf },
+    #[error("content does not match its digest: expected {expected}, got {actual} ({})", path.display())]
+    DigestMismatch {
+        expected: Digest,
+        actual: Digest,
+        path: PathBuf,
+    },
+    #[error("{what} {digest} is not valid JSON: {source}")]
+    BadJson {
+        what: &'static str,
+        digest: Digest,
+        source: serde_json::Error,
+    },
+    #[error("{} is not a valid OCI index: {source}", path.display())]
+    BadIndex {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("no image `{reference}` in {}\n  hint: `kiln image ls` lists the images; `kiln build` makes the project's", store.display())]
+    UnknownImage { reference: String, store: PathBuf },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("image `{image}`: copy source `{src}` does not exist ({})\n  hint: create it (build it first?) or fix `copy` in kiln.toml", path.display())]
+    CopySourceMissing {
+        image: String,
+        src: String,
+        path: PathBuf,
+    },
+    #[error("image `{image}`: {why}\n  hint: {hint}")]
+    BadCopy {
+        image: String,
+        why: String,
+        hint: String,
+    },
+    #[error("image `{image}`: Debian packages ({}) are not supported yet (issue 7); nothing was built\n  hint: remove `debian` from [image.{image}] and build from a base image that has them (`from = \"oci-layout:DIR\"` made with `skopeo copy docker://debian:12 oci:DIR`)", packages.join(", "))]
+    DebianUnsupported {
+        image: String,
+        packages: Vec<String>,
+    },
+    #[error("image `{image}`: base `{base}` {why}\n  hint: {hint}")]
+    BaseUnavailable {
+        image: String,
+        base: String,
+        why: String,
+        hint: String,
+    },
+    #[error("cannot read ELF file {}: {why}", path.display())]
+    BadElf { path: PathBuf, why: String },
+    #[error("shared library `{library}` needed by {} was not found (searched: {})\n  hint: install the package that provides it, or copy it into the image and set `closure = false`", needed_by.display(), searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    LibraryNotFound {
+        library: String,
+        needed_by: PathBuf,
+        searched: Vec<PathBuf>,
+    },
+    #[error("{} changed while the image was being built (expected {expected}, read {actual})\n  hint: run the build again once the file is no longer being written", path.display())]
+    InputChanged {
+        path: PathBuf,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error(
+        "layer {layer}: entry `{entry}` refused: {why}; nothing was written outside the image root"
+    )]
+    UnsafeEntry {
+        layer: String,
+        entry: String,
+        why: String,
+    },
+    #[error("cannot read {what}: {source}")]
+    BadArchive {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Unsupported(String),
+}
