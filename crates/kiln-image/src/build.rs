@@ -199,6 +199,7 @@ impl<'a> Builder<'a> {
         }
         let exclude = [req.context.join(".kiln"), self.store.root().to_path_buf()];
         let inputs = inputs::collect(req.name, req.image, req.context, &mut self.stats, &exclude)?;
+        let pending = inputs.pending;
         let mut layer = inputs.layer;
         let closure = if req.image.closure {
             self.add_closure(req.name, &inputs.elf, &mut layer)?
@@ -207,13 +208,20 @@ impl<'a> Builder<'a> {
         };
 
         let base_digest = base.as_ref().map(|b| &b.digest);
-        let recipe =
-            cache::recipe_digest(req.image, base_digest, req.source_date_epoch, arch, &layer);
-        if let Some(digest) = cache::lookup(self.store, &recipe) {
-            let image = self.store.load_image(&digest)?;
-            self.publish(req.name, &image, &closure, None)?;
-            return Ok(outcome(req.name, &image, true, recipe));
+        // With every input's digest known (from the stat cache), the recipe
+        // can be asked of the cache before anything is read. Otherwise the
+        // unknown digests come from writing the layer (one read of each
+        // file, not two) and the recipe is computed afterwards.
+        if pending.is_empty() {
+            let recipe =
+                cache::recipe_digest(req.image, base_digest, req.source_date_epoch, arch, &layer);
+            if let Some(digest) = cache::lookup(self.store, &recipe) {
+                let image = self.store.load_image(&digest)?;
+                self.publish(req.name, &image, &closure, None)?;
+                return Ok(outcome(req.name, &image, true, recipe));
+            }
         }
+        let unplaced = layer.clone();
 
         // The base's files, hashed for the SBOM; the new layer is added to
         // them from what writing it computed, not read back.
@@ -234,6 +242,23 @@ impl<'a> Builder<'a> {
         self.progress.layer_finished();
         let written = written?;
         tree.add_layer(&layer, &written.files);
+        let unplaced = self.learn_digests(unplaced, &layer, &written.files, &pending);
+        let recipe = cache::recipe_digest(
+            req.image,
+            base_digest,
+            req.source_date_epoch,
+            arch,
+            &unplaced,
+        );
+        if !pending.is_empty()
+            && let Some(digest) = cache::lookup(self.store, &recipe)
+        {
+            // Inputs the stat cache could not vouch for (too freshly
+            // written) turned out to be what the cache already built.
+            let image = self.store.load_image(&digest)?;
+            self.publish(req.name, &image, &closure, None)?;
+            return Ok(outcome(req.name, &image, true, recipe));
+        }
 
         let config = image_config(
             req,
@@ -273,6 +298,64 @@ impl<'a> Builder<'a> {
         self.publish(req.name, &image, &closure, Some(&tree))?;
         cache::record(self.store, &recipe, &digest)?;
         Ok(outcome(req.name, &image, false, recipe))
+    }
+
+    /// Fills the digests `unplaced` lacked from what writing `written` (the
+    /// same entries, maybe moved onto a base) computed, and teaches them to
+    /// the stat cache when the file did not change while it was read.
+    fn learn_digests(
+        &mut self,
+        mut unplaced: Layer,
+        written: &Layer,
+        sums: &BTreeMap<String, (Digest, String)>,
+        pending: &BTreeMap<PathBuf, (fs::Metadata, bool)>,
+    ) -> Layer {
+        if pending.is_empty() {
+            return unplaced;
+        }
+        let mut by_host: BTreeMap<&Path, &Digest> = BTreeMap::new();
+        for (path, entry) in written.entries() {
+            if let EntryKind::File {
+                source: FileSource::Host(host),
+                ..
+            } = &entry.kind
+                && let Some((digest, _)) = sums.get(path)
+            {
+                by_host.insert(host.as_path(), digest);
+            }
+        }
+        let mut filled = Vec::new();
+        for (path, entry) in unplaced.entries() {
+            if let EntryKind::File {
+                source: FileSource::Host(host),
+                size,
+                digest: None,
+            } = &entry.kind
+                && let Some(digest) = by_host.get(host.as_path())
+            {
+                let mut e = entry.clone();
+                e.kind = EntryKind::File {
+                    source: FileSource::Host(host.clone()),
+                    size: *size,
+                    digest: Some((*digest).clone()),
+                };
+                filled.push((path.clone(), e));
+                self.stats.hashed += 1;
+                if let Some((before, elf)) = pending.get(host)
+                    && fs::metadata(host).is_ok_and(|now| same_file_state(before, &now))
+                {
+                    let facts = cache::FileFacts {
+                        digest: (*digest).clone(),
+                        elf: *elf,
+                    };
+                    self.stats.remember(host, before, &facts);
+                }
+            }
+        }
+        for (path, entry) in filled {
+            unplaced.insert(&path, entry).expect("paths are normalised");
+        }
+        unplaced
     }
 
     /// Adds the shared-library closure of the copied ELF files `elf` to
@@ -655,6 +738,18 @@ fn outcome(name: &str, image: &Image, cached: bool, recipe: Digest) -> BuildOutc
         size,
         recipe,
     }
+}
+
+/// Whether a file was left alone between two `stat`s.
+fn same_file_state(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a.len() == b.len()
+        && a.mtime() == b.mtime()
+        && a.mtime_nsec() == b.mtime_nsec()
+        && a.ctime() == b.ctime()
+        && a.ctime_nsec() == b.ctime_nsec()
+        && a.ino() == b.ino()
+        && a.dev() == b.dev()
 }
 
 #[cfg(test)]

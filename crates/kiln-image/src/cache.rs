@@ -118,18 +118,32 @@ impl StatCache {
 
     /// The digest of the file at `path` whose metadata is `meta`.
     pub fn facts(&mut self, path: &Path, meta: &Metadata) -> Result<FileFacts, ImageError> {
-        let key = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        if let Some(e) = self.entries.get(&key)
-            && e.matches(meta)
-        {
-            self.used.insert(key);
-            return Ok(FileFacts {
-                digest: e.sha256.clone(),
-                elf: e.elf,
-            });
+        if let Some(facts) = self.known(path, meta) {
+            return Ok(facts);
         }
         let facts = hash_file(path)?;
         self.hashed += 1;
+        self.remember(path, meta, &facts);
+        Ok(facts)
+    }
+
+    /// The cached facts of `path`, when its metadata still matches; never
+    /// reads the file.
+    pub fn known(&mut self, path: &Path, meta: &Metadata) -> Option<FileFacts> {
+        let key = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let e = self.entries.get(&key).filter(|e| e.matches(meta))?;
+        let facts = FileFacts {
+            digest: e.sha256.clone(),
+            elf: e.elf,
+        };
+        self.used.insert(key);
+        Some(facts)
+    }
+
+    /// Records facts computed elsewhere (while a layer was written) for the
+    /// file whose metadata was `meta` when it was read.
+    pub fn remember(&mut self, path: &Path, meta: &Metadata, facts: &FileFacts) {
+        let key = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as i128)
@@ -154,7 +168,6 @@ impl StatCache {
             self.entries.remove(&key);
         }
         self.used.insert(key);
-        Ok(facts)
     }
 
     /// Writes the cache back if it changed, dropping entries of files that
@@ -210,6 +223,32 @@ pub fn hash_file(path: &Path) -> Result<FileFacts, ImageError> {
         digest: Digest::from_sha256(&hasher.finalize()),
         elf: is_elf(&head),
     })
+}
+
+/// Whether the file at `path` starts with the ELF magic (reads 4 bytes).
+pub fn sniff_elf(path: &Path) -> Result<bool, ImageError> {
+    let mut head = [0u8; 4];
+    let mut file = File::open(path).map_err(|source| ImageError::Io {
+        op: "read input file",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut read = 0;
+    while read < head.len() {
+        match file.read(&mut head[read..]) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(ImageError::Io {
+                    op: "read input file",
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(is_elf(&head[..read]))
 }
 
 fn cache_dir(store: &Store) -> PathBuf {

@@ -51,6 +51,10 @@ pub struct ElfInput {
 pub struct Inputs {
     pub layer: Layer,
     pub elf: Vec<ElfInput>,
+    /// Files the stat cache did not know: their digests are computed while
+    /// the layer is written (one read instead of two), from the metadata
+    /// they had here, and whether they are ELF.
+    pub pending: BTreeMap<PathBuf, (Metadata, bool)>,
 }
 
 /// Reads every `copy` of `image` (named `name`, for errors) relative to
@@ -151,6 +155,7 @@ pub fn collect(
 struct Tree {
     entries: BTreeMap<String, (LayerEntry, Option<(u64, u64)>)>,
     elf: Vec<ElfInput>,
+    pending: BTreeMap<PathBuf, (Metadata, bool)>,
     exclude: Vec<PathBuf>,
 }
 
@@ -163,8 +168,15 @@ impl Tree {
         mode: Option<u32>,
         stats: &mut StatCache,
     ) -> Result<(), ImageError> {
-        let facts = stats.facts(host, meta)?;
-        if facts.elf {
+        let (digest, elf) = match stats.known(host, meta) {
+            Some(facts) => (Some(facts.digest), facts.elf),
+            None => {
+                let elf = crate::cache::sniff_elf(host)?;
+                self.pending.insert(host.to_path_buf(), (meta.clone(), elf));
+                (None, elf)
+            }
+        };
+        if elf {
             self.elf.push(ElfInput {
                 host: host.to_path_buf(),
                 image: format!("/{dst}"),
@@ -174,7 +186,7 @@ impl Tree {
             kind: EntryKind::File {
                 source: FileSource::Host(host.to_path_buf()),
                 size: meta.len(),
-                digest: Some(facts.digest),
+                digest,
             },
             mode: mode.map_or_else(|| host_mode(meta), |m| m & 0o7777),
             uid: 0,
@@ -278,6 +290,7 @@ impl Tree {
                 .expect("paths are normalised");
         }
         inputs.elf.extend(self.elf);
+        inputs.pending.extend(self.pending);
     }
 }
 
