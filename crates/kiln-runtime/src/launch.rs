@@ -1,0 +1,659 @@
+//! Starting an instance: the only module with `unsafe` (fork, execve,
+//! signal dispositions). Shared by the `process` and `sandbox` drivers.
+//!
+//! ## Design: a forked supervisor per instance
+//! ```text
+//! daemon ──fork──▶ S0 ──fork──▶ S (supervisor, setsid, reparented to init)
+//!                  └─ exits        └─[unshare(NEWPID)]─fork──▶ C ──execve──▶ program
+//! ```
+//! * **S** owns the instance: it waits for C, writes `<state>/<id>/exit`
+//!   (`code N` / `signal N`) the moment C ends, and pumps C's stdout/stderr
+//!   pipes into `stdout.log`/`stderr.log`, rotating at `log_max_bytes` to
+//!   one `.1` file each. Because S is not the daemon's child (double fork),
+//!   the instance, its logs and its exit status survive a restart (or a
+//!   kill -9) of the daemon: a new driver adopts it from the state dir.
+//! * **C** is the instance's process-group leader (setsid); for the sandbox
+//!   it is PID 1 of a new PID namespace and builds its root in a private
+//!   mount namespace (see [`setup_root`]), so no mount ever shows on the
+//!   host and all of them vanish with the instance.
+//! * Errors in C before execve are reported through a CLOEXEC pipe (step and
+//!   errno); EOF on that pipe means execve succeeded.
+//!
+//! Rejected: a pipe read by a thread of the daemon (the instance would die
+//! of SIGPIPE with the daemon); re-executing the kiln binary as the
+//! supervisor (it needs an entry point in every binary that links the crate,
+//! test binaries included); writing straight to the log files (no size
+//! rotation, no exit status after a daemon restart).
+//!
+//! ## Limits of forking without exec
+//! S and C run Rust code after `fork` in a multi-threaded process. glibc
+//! resets its malloc locks in the child, so allocation is safe; std's global
+//! locks (stdout, stderr, env) are never touched there. S and C never return
+//! into the caller's stack: every path ends in `_exit`. A panic in them is
+//! caught and turned into an exit.
+
+#![allow(unsafe_code)]
+
+use std::ffi::{CString, OsString};
+use std::fs::File;
+use std::io::Write as _;
+use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
+use rustix::process::{Pid, WaitOptions};
+use rustix::thread::{CapabilitySet, CapabilitySets, UnshareFlags};
+
+/// Everything the child needs, prepared (and checked) before forking.
+#[derive(Debug)]
+pub struct Plan {
+    /// The path given to execve, as the child sees it after its setup.
+    pub exec: CString,
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+    /// The working directory as the child sees it.
+    pub workdir: PathBuf,
+    pub user: Option<(u32, u32)>,
+    pub sandbox: Option<SandboxPlan>,
+    pub cgroup_procs: Vec<File>,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+    pub log_max_bytes: u64,
+    pub exit_file: PathBuf,
+}
+
+#[derive(Debug)]
+pub struct SandboxPlan {
+    /// Empty host directory where the instance's root is assembled.
+    pub root: PathBuf,
+    /// The shared image root (never written).
+    pub image: PathBuf,
+    /// The image root's top-level entries.
+    pub entries: Vec<(OsString, Entry)>,
+    pub mounts: Vec<MountOp>,
+    pub hostname: String,
+    pub private_network: bool,
+    pub keep_caps: CapabilitySet,
+}
+
+#[derive(Debug, Clone)]
+pub enum Entry {
+    Dir,
+    File,
+    Symlink(PathBuf),
+}
+
+/// A bind mount into the instance root; `create` lists mount points to
+/// make first (only ever inside the instance's own tmpfs root).
+#[derive(Debug)]
+pub struct MountOp {
+    pub source: PathBuf,
+    /// Relative to the instance root.
+    pub target: PathBuf,
+    pub read_only: bool,
+    pub create: Vec<(PathBuf, bool)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Launched {
+    pub pid: u32,
+    pub supervisor: u32,
+}
+
+#[derive(Debug)]
+pub struct LaunchError {
+    pub step: &'static str,
+    pub error: std::io::Error,
+}
+
+const STEPS: &[&str] = &[
+    "start the supervisor",
+    "create the PID namespace",
+    "fork the instance",
+    "create the session",
+    "join the cgroup",
+    "create the namespaces",
+    "set the hostname",
+    "make mounts private",
+    "mount the instance root",
+    "mount the image root read-only",
+    "mount /proc",
+    "mount /dev",
+    "mount /tmp and /run",
+    "mount a volume or file",
+    "make the root read-only",
+    "pivot_root",
+    "redirect stdio",
+    "change to the working directory",
+    "drop capabilities",
+    "switch user",
+    "set no_new_privs",
+    "execve",
+];
+
+fn step(name: &str) -> u32 {
+    STEPS.iter().position(|s| *s == name).unwrap_or(0) as u32
+}
+
+type StepResult<T = ()> = Result<T, (u32, rustix::io::Errno)>;
+
+trait At<T> {
+    fn at(self, name: &str) -> StepResult<T>;
+}
+impl<T> At<T> for rustix::io::Result<T> {
+    fn at(self, name: &str) -> StepResult<T> {
+        self.map_err(|e| (step(name), e))
+    }
+}
+
+const TAG_SUPERVISOR: u32 = 1;
+const TAG_CHILD: u32 = 2;
+const TAG_ERROR: u32 = 3;
+
+fn send(fd: &OwnedFd, tag: u32, a: u32, b: i32) {
+    let mut msg = [0u8; 12];
+    msg[..4].copy_from_slice(&tag.to_ne_bytes());
+    msg[4..8].copy_from_slice(&a.to_ne_bytes());
+    msg[8..].copy_from_slice(&b.to_ne_bytes());
+    let _ = rustix::io::write(fd, &msg);
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+/// Starts the instance described by `plan`; returns once the program was
+/// executed (or failed to be).
+pub fn launch(plan: &Plan) -> Result<Launched, LaunchError> {
+    let io = |step: &'static str| move |error| LaunchError { step, error };
+    let stdin = File::open("/dev/null").map_err(io("open /dev/null"))?;
+    let out = open_append(&plan.stdout).map_err(io("open stdout.log"))?;
+    let err = open_append(&plan.stderr).map_err(io("open stderr.log"))?;
+    let (rd, wr) =
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| LaunchError {
+            step: "create a pipe",
+            error: e.into(),
+        })?;
+    let mut argv: Vec<*const libc::c_char> = plan.argv.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = plan.envp.iter().map(|a| a.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    let ptrs = (argv.as_ptr(), envp.as_ptr());
+
+    // SAFETY: the child only runs `intermediate`, which forks once more and
+    // `_exit`s; see the module docs for what the grandchild may do.
+    let s0 = unsafe { libc::fork() };
+    if s0 == 0 {
+        let s = {
+            // SAFETY: as above; S runs `supervise`, which never returns.
+            unsafe { libc::fork() }
+        };
+        if s == 0 {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                supervise(plan, &wr, &stdin, &out, &err, ptrs)
+            }));
+        }
+        // SAFETY: `_exit` ends the process without running the parent's
+        // destructors or atexit handlers, which belong to the daemon.
+        unsafe { libc::_exit(i32::from(s < 0)) }
+    }
+    drop(wr);
+    if s0 < 0 {
+        return Err(LaunchError {
+            step: STEPS[0],
+            error: std::io::Error::last_os_error(),
+        });
+    }
+    if let Some(pid) = Pid::from_raw(s0) {
+        let _ = rustix::process::waitpid(Some(pid), WaitOptions::empty());
+    }
+    let mut bytes = vec![];
+    let mut file = File::from(rd);
+    let _ = std::io::Read::read_to_end(&mut file, &mut bytes);
+    let (mut supervisor, mut pid, mut error) = (None, None, None);
+    for msg in bytes.chunks_exact(12) {
+        let word = |i: usize| u32::from_ne_bytes([msg[i], msg[i + 1], msg[i + 2], msg[i + 3]]);
+        match word(0) {
+            TAG_SUPERVISOR => supervisor = Some(word(4)),
+            TAG_CHILD => pid = Some(word(4)),
+            TAG_ERROR => error = Some((word(4), word(8) as i32)),
+            _ => {}
+        }
+    }
+    match (error, pid, supervisor) {
+        (Some((s, errno)), _, _) => Err(LaunchError {
+            step: STEPS.get(s as usize).copied().unwrap_or("start"),
+            error: std::io::Error::from_raw_os_error(errno),
+        }),
+        (None, Some(pid), Some(supervisor)) => Ok(Launched { pid, supervisor }),
+        _ => Err(LaunchError {
+            step: STEPS[0],
+            error: std::io::Error::other("the supervisor ended without starting the instance"),
+        }),
+    }
+}
+
+/// Closes every descriptor but `keep`: the daemon's other descriptors
+/// (including other launches' status pipes) must not live on in S.
+fn close_all_except(keep: &mut [RawFd]) {
+    keep.sort_unstable();
+    let mut lo: u32 = 0;
+    for &fd in keep.iter() {
+        let fd = fd as u32;
+        if fd > lo {
+            // SAFETY: close_range only closes descriptors; the ones closed
+            // are owned by objects S will never use or drop.
+            unsafe { libc::syscall(libc::SYS_close_range, lo, fd - 1, 0) };
+        }
+        lo = fd + 1;
+    }
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_close_range, lo, u32::MAX, 0) };
+}
+
+type Ptrs = (*const *const libc::c_char, *const *const libc::c_char);
+
+fn supervise(plan: &Plan, wr: &OwnedFd, stdin: &File, out: &File, err: &File, ptrs: Ptrs) -> ! {
+    let mut keep = vec![
+        wr.as_raw_fd(),
+        stdin.as_raw_fd(),
+        out.as_raw_fd(),
+        err.as_raw_fd(),
+    ];
+    keep.extend(plan.cgroup_procs.iter().map(|f| f.as_raw_fd()));
+    close_all_except(&mut keep);
+    // Descriptors 0-2 must stay taken: a pipe landing on 1 would make C's
+    // dup2(1, 1) a no-op that keeps CLOEXEC, and its stdout would vanish.
+    for _ in 0..3 {
+        if let Ok(fd) = rustix::fs::open(
+            "/dev/null",
+            rustix::fs::OFlags::RDWR,
+            rustix::fs::Mode::empty(),
+        ) {
+            std::mem::forget(fd);
+        }
+    }
+    // SAFETY: resetting a disposition; S waits for C and needs SIGCHLD's
+    // default (a daemon may have set it to SIG_IGN, which discards statuses).
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
+    let _ = rustix::process::setsid();
+    send(
+        wr,
+        TAG_SUPERVISOR,
+        rustix::process::getpid().as_raw_nonzero().get() as u32,
+        0,
+    );
+    let fail = |s: &str, e: rustix::io::Errno| -> ! {
+        send(wr, TAG_ERROR, step(s), e.raw_os_error());
+        // SAFETY: see `launch`.
+        unsafe { libc::_exit(127) }
+    };
+    let pipes = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).and_then(|a| {
+        Ok((
+            a,
+            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?,
+        ))
+    });
+    let ((out_r, out_w), (err_r, err_w)) = match pipes {
+        Ok(p) => p,
+        Err(e) => fail("start the supervisor", e),
+    };
+    if plan.sandbox.is_some() {
+        // SAFETY: NEWPID only affects the children S forks from now on.
+        if let Err(e) = unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWPID) } {
+            fail("create the PID namespace", e);
+        }
+    }
+    // SAFETY: C runs `child`, which ends in execve or `_exit`.
+    let c = unsafe { libc::fork() };
+    if c == 0 {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let Err((s, e)) = child(plan, stdin, &out_w, &err_w, ptrs);
+            send(wr, TAG_ERROR, s, e.raw_os_error());
+        }));
+        // SAFETY: see `launch`.
+        unsafe { libc::_exit(127) }
+    }
+    if c < 0 {
+        fail(
+            "fork the instance",
+            rustix::io::Errno::from_io_error(&std::io::Error::last_os_error())
+                .unwrap_or(rustix::io::Errno::AGAIN),
+        );
+    }
+    drop((out_w, err_w));
+    send(wr, TAG_CHILD, c as u32, 0);
+    // SAFETY: closing our copy of the status pipe: C keeps its own until
+    // execve; the daemon reads until both are closed. `wr` is not used again.
+    unsafe { libc::close(wr.as_raw_fd()) };
+    pump(plan, c, out_r, err_r, out, err);
+    // SAFETY: see `launch`.
+    unsafe { libc::_exit(0) }
+}
+
+/// A log file rotated to `<name>.1` so that neither exceeds `max` bytes.
+struct Log<'a> {
+    path: &'a Path,
+    file: File,
+    size: u64,
+    max: u64,
+}
+
+impl Log<'_> {
+    fn write(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.size >= self.max {
+                let mut old = self.path.as_os_str().to_owned();
+                old.push(".1");
+                let _ = std::fs::rename(self.path, &old);
+                match open_append(self.path) {
+                    Ok(f) => self.file = f,
+                    Err(_) => return,
+                }
+                self.size = 0;
+            }
+            let n = data.len().min((self.max - self.size) as usize);
+            if self.file.write_all(&data[..n]).is_err() {
+                return;
+            }
+            self.size += n as u64;
+            data = &data[n..];
+        }
+    }
+}
+
+fn pump(plan: &Plan, c: i32, out_r: OwnedFd, err_r: OwnedFd, out: &File, err: &File) {
+    let max = plan.log_max_bytes.max(1);
+    let log = |path, file: &File| {
+        let file = file.try_clone().ok()?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        Some(Log {
+            path,
+            file,
+            size,
+            max,
+        })
+    };
+    let pid = Pid::from_raw(c);
+    let mut exited: Option<Instant> = None;
+    let mut buf = vec![0u8; 1 << 16];
+    let record = |status: rustix::process::WaitStatus| {
+        let text = match (status.exit_status(), status.terminating_signal()) {
+            (Some(code), _) => format!("code {code}\n"),
+            (_, Some(sig)) => format!("signal {sig}\n"),
+            _ => "unknown\n".to_string(),
+        };
+        let mut tmp = plan.exit_file.as_os_str().to_owned();
+        tmp.push(".tmp");
+        if std::fs::write(&tmp, text).is_ok() {
+            let _ = std::fs::rename(&tmp, &plan.exit_file);
+        }
+    };
+    let (Some(lo), Some(le)) = (log(&plan.stdout, out), log(&plan.stderr, err)) else {
+        // Without its log files S still owes the exit status.
+        if let Ok(Some((_, status))) = rustix::process::waitpid(pid, WaitOptions::empty()) {
+            record(status);
+        }
+        return;
+    };
+    let mut logs = [lo, le];
+    let mut fds = [Some(out_r), Some(err_r)];
+    loop {
+        if exited.is_none() {
+            match rustix::process::waitpid(pid, WaitOptions::NOHANG) {
+                Ok(Some((_, status))) => {
+                    record(status);
+                    exited = Some(Instant::now());
+                }
+                Ok(None) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                // ECHILD: nothing left to wait for (cannot happen: C is ours).
+                Err(_) => exited = Some(Instant::now()),
+            }
+        }
+        let open: Vec<usize> = (0..2).filter(|i| fds[*i].is_some()).collect();
+        // Output left by stragglers holding the pipes open is not waited
+        // for long once the instance's process is gone.
+        if open.is_empty() || exited.is_some_and(|t| t.elapsed() > Duration::from_secs(2)) {
+            if exited.is_some() {
+                return;
+            }
+            // Both pipes closed: only the exit is left to wait for.
+            match rustix::process::waitpid(pid, WaitOptions::empty()) {
+                Ok(Some((_, status))) => {
+                    record(status);
+                    exited = Some(Instant::now());
+                }
+                Err(rustix::io::Errno::INTR) | Ok(None) => {}
+                Err(_) => exited = Some(Instant::now()),
+            }
+            continue;
+        }
+        let mut pfds: Vec<rustix::event::PollFd<'_>> = open
+            .iter()
+            .filter_map(|i| fds[*i].as_ref())
+            .map(|fd| rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN))
+            .collect();
+        let timeout = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 100_000_000,
+        };
+        if rustix::event::poll(&mut pfds, Some(&timeout)).unwrap_or(0) == 0 {
+            continue;
+        }
+        let ready: Vec<bool> = pfds.iter().map(|p| !p.revents().is_empty()).collect();
+        drop(pfds);
+        for (k, i) in open.into_iter().enumerate() {
+            if !ready[k] {
+                continue;
+            }
+            let Some(fd) = fds[i].as_ref() else { continue };
+            match rustix::io::read(fd, &mut buf) {
+                Ok(0) => fds[i] = None,
+                Ok(n) => logs[i].write(&buf[..n]),
+                Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => {}
+                Err(_) => fds[i] = None,
+            }
+        }
+    }
+}
+
+/// C: from fork to execve. Returns only on failure.
+fn child(
+    plan: &Plan,
+    stdin: &File,
+    out: &OwnedFd,
+    err: &OwnedFd,
+    ptrs: Ptrs,
+) -> StepResult<std::convert::Infallible> {
+    rustix::process::setsid().at("create the session")?;
+    for f in &plan.cgroup_procs {
+        rustix::io::write(f, b"0").at("join the cgroup")?;
+    }
+    if let Some(sb) = &plan.sandbox {
+        let mut flags = UnshareFlags::NEWNS | UnshareFlags::NEWUTS | UnshareFlags::NEWIPC;
+        if sb.private_network {
+            flags |= UnshareFlags::NEWNET;
+        }
+        // SAFETY: C is single-threaded; unsharing affects only itself.
+        unsafe { rustix::thread::unshare_unsafe(flags) }.at("create the namespaces")?;
+        rustix::system::sethostname(sb.hostname.as_bytes()).at("set the hostname")?;
+        setup_root(sb)?;
+    }
+    rustix::stdio::dup2_stdin(stdin.as_fd()).at("redirect stdio")?;
+    rustix::stdio::dup2_stdout(out.as_fd()).at("redirect stdio")?;
+    rustix::stdio::dup2_stderr(err.as_fd()).at("redirect stdio")?;
+    rustix::process::chdir(&plan.workdir).at("change to the working directory")?;
+    if let Some(sb) = &plan.sandbox {
+        for bit in 0..64 {
+            let cap = CapabilitySet::from_bits_retain(1 << bit);
+            if !sb.keep_caps.contains(cap)
+                && rustix::thread::capability_is_in_bounding_set(cap).unwrap_or(false)
+            {
+                rustix::thread::remove_capability_from_bounding_set(cap).at("drop capabilities")?;
+            }
+        }
+    }
+    if let Some((uid, gid)) = plan.user {
+        let (u, g) = (
+            rustix::process::Uid::from_raw(uid),
+            rustix::process::Gid::from_raw(gid),
+        );
+        rustix::thread::set_thread_groups(&[g]).at("switch user")?;
+        rustix::thread::set_thread_res_gid(g, g, g).at("switch user")?;
+        rustix::thread::set_thread_res_uid(u, u, u).at("switch user")?;
+    }
+    if let Some(sb) = &plan.sandbox {
+        if rustix::process::geteuid().is_root() {
+            let keep = sb.keep_caps;
+            let sets = CapabilitySets {
+                effective: keep,
+                permitted: keep,
+                inheritable: CapabilitySet::empty(),
+            };
+            rustix::thread::set_capabilities(None, sets).at("drop capabilities")?;
+        }
+        rustix::thread::clear_ambient_capability_set().at("drop capabilities")?;
+    }
+    rustix::thread::set_no_new_privs(true).at("set no_new_privs")?;
+    // SAFETY: restoring default dispositions and an empty mask for the
+    // program (Rust ignores SIGPIPE; ignored signals survive execve).
+    unsafe {
+        for sig in 1..32 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+    // SAFETY: `exec`, `argv` and `envp` are NUL-terminated strings and
+    // null-terminated arrays built before the fork and still owned by `plan`.
+    unsafe { libc::execve(plan.exec.as_ptr(), ptrs.0, ptrs.1) };
+    Err((
+        step("execve"),
+        rustix::io::Errno::from_io_error(&std::io::Error::last_os_error())
+            .unwrap_or(rustix::io::Errno::NOEXEC),
+    ))
+}
+
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Builds the instance root inside C's private mount namespace:
+/// a tmpfs holding one read-only bind mount per top-level entry of the
+/// image (the image itself is never written, and mount points that a
+/// `scratch` image lacks can be created in the tmpfs), fresh /proc,
+/// a minimal /dev, tmpfs /tmp and /run, volumes and files; then the tmpfs
+/// is made read-only and becomes `/` through pivot_root.
+fn setup_root(sb: &SandboxPlan) -> StepResult {
+    use rustix::fs::Mode;
+    let r = &sb.root;
+    let nosuid = MountFlags::NOSUID | MountFlags::NODEV;
+    rustix::mount::mount_change(
+        "/",
+        MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
+    )
+    .at("make mounts private")?;
+    rustix::mount::mount("tmpfs", r, "tmpfs", nosuid, c"mode=0755,size=1m")
+        .at("mount the instance root")?;
+    let ro_bind = |src: &Path, dst: &Path| -> rustix::io::Result<()> {
+        rustix::mount::mount_bind_recursive(src, dst)?;
+        rustix::mount::mount_remount(dst, MountFlags::BIND | MountFlags::RDONLY | nosuid, c"")
+    };
+    let touch = |p: &Path| {
+        rustix::fs::open(
+            p,
+            rustix::fs::OFlags::CREATE | rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+            Mode::from(0o644),
+        )
+        .map(drop)
+    };
+    for (name, kind) in &sb.entries {
+        let dst = r.join(name);
+        let src = sb.image.join(name);
+        match kind {
+            Entry::Dir => {
+                rustix::fs::mkdir(&dst, Mode::from(0o755)).and_then(|()| ro_bind(&src, &dst))
+            }
+            Entry::File => touch(&dst).and_then(|()| ro_bind(&src, &dst)),
+            Entry::Symlink(t) => rustix::fs::symlink(t, &dst),
+        }
+        .at("mount the image root read-only")?;
+    }
+    for d in ["proc", "dev", "tmp", "run"] {
+        rustix::fs::mkdir(r.join(d), Mode::from(0o755)).at("mount the instance root")?;
+    }
+    rustix::mount::mount(
+        "proc",
+        r.join("proc"),
+        "proc",
+        nosuid | MountFlags::NOEXEC,
+        None,
+    )
+    .at("mount /proc")?;
+    let dev = r.join("dev");
+    rustix::mount::mount(
+        "tmpfs",
+        &dev,
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NOEXEC,
+        c"mode=0755,size=64k",
+    )
+    .at("mount /dev")?;
+    for d in DEVICES {
+        let dst = dev.join(d);
+        touch(&dst)
+            .and_then(|()| rustix::mount::mount_bind(Path::new("/dev").join(d), &dst))
+            .at("mount /dev")?;
+    }
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        rustix::fs::symlink(target, dev.join(name)).at("mount /dev")?;
+    }
+    rustix::fs::mkdir(dev.join("shm"), Mode::from(0o1777)).at("mount /dev")?;
+    rustix::mount::mount(
+        "tmpfs",
+        dev.join("shm"),
+        "tmpfs",
+        nosuid | MountFlags::NOEXEC,
+        c"mode=1777",
+    )
+    .at("mount /dev")?;
+    rustix::mount::mount("tmpfs", r.join("tmp"), "tmpfs", nosuid, c"mode=1777")
+        .at("mount /tmp and /run")?;
+    rustix::mount::mount("tmpfs", r.join("run"), "tmpfs", nosuid, c"mode=0755")
+        .at("mount /tmp and /run")?;
+    for m in &sb.mounts {
+        for (p, is_dir) in &m.create {
+            let p = r.join(p);
+            if *is_dir {
+                rustix::fs::mkdir(&p, Mode::from(0o755))
+            } else {
+                touch(&p)
+            }
+            .at("mount a volume or file")?;
+        }
+        let dst = r.join(&m.target);
+        rustix::mount::mount_bind_recursive(&m.source, &dst).at("mount a volume or file")?;
+        if m.read_only {
+            rustix::mount::mount_remount(&dst, MountFlags::BIND | MountFlags::RDONLY | nosuid, c"")
+                .at("mount a volume or file")?;
+        }
+    }
+    rustix::mount::mount_remount(r, MountFlags::BIND | MountFlags::RDONLY | nosuid, c"")
+        .at("make the root read-only")?;
+    rustix::process::chdir(r).at("pivot_root")?;
+    rustix::process::pivot_root(".", ".").at("pivot_root")?;
+    rustix::mount::unmount(".", UnmountFlags::DETACH).at("pivot_root")?;
+    rustix::process::chdir("/").at("pivot_root")?;
+    Ok(())
+}

@@ -1,0 +1,435 @@
+//! What the `process` and `sandbox` drivers share: the per-instance state
+//! directory, the lifecycle and its guards, stop/remove, logs and verify.
+//!
+//! `<state_dir>/<id>/state.json` holds the config and, once started, the
+//! pids (with their start times, so a reused pid is never mistaken for the
+//! instance) and the cgroup; `<state_dir>/<id>/exit` is written by the
+//! instance's supervisor when its process ends (see `launch.rs`). Any
+//! process can therefore `list`/`inspect`/`stop` what another started.
+
+use std::ffi::CString;
+use std::io::{Read as _, Seek as _, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Signal};
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::{self, Cgroup};
+use crate::error::RuntimeError;
+use crate::launch::{self, Launched, Plan};
+use crate::types::{Drift, InstanceConfig, InstanceInfo, InstanceState};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Record {
+    pub config: InstanceConfig,
+    pub started: Option<Started>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Started {
+    pub pid: u32,
+    pub pid_start: u64,
+    pub supervisor: u32,
+    pub supervisor_start: u64,
+    pub cgroup: Option<Cgroup>,
+}
+
+/// How a local driver turns a record into a launch plan.
+pub(crate) trait Mode: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn isolation(&self) -> String;
+    /// Checks the config (at create) and builds the plan (at start).
+    fn plan(&self, dir: &Path, config: &InstanceConfig) -> Result<Plan, RuntimeError>;
+    fn cgroups(&self) -> Option<cgroup::Version>;
+}
+
+#[derive(Debug)]
+pub(crate) struct Local<M> {
+    pub state_dir: PathBuf,
+    pub mode: M,
+}
+
+pub(crate) fn io(id: &str, op: &'static str) -> impl FnOnce(std::io::Error) -> RuntimeError {
+    let id = id.to_string();
+    move |source| RuntimeError::Io { id, op, source }
+}
+
+pub(crate) fn setup(id: &str, what: impl Into<String>, hint: &str) -> RuntimeError {
+    RuntimeError::Setup {
+        id: id.to_string(),
+        what: what.into(),
+        hint: hint.to_string(),
+    }
+}
+
+pub(crate) fn cstrings(
+    id: &str,
+    items: impl IntoIterator<Item = String>,
+) -> Result<Vec<CString>, RuntimeError> {
+    items
+        .into_iter()
+        .map(|s| {
+            CString::new(s).map_err(|_| {
+                setup(
+                    id,
+                    "an argument or variable contains a NUL byte",
+                    "remove it",
+                )
+            })
+        })
+        .collect()
+}
+
+/// `(start time, alive)` of a pid from /proc; zombies count as gone.
+fn pid_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if matches!(fields.first(), Some(&"Z") | Some(&"X")) {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+fn alive(pid: u32, start: u64) -> bool {
+    pid_start(pid) == Some(start)
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+fn tail(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    let mut out = vec![];
+    f.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+impl<M: Mode> Local<M> {
+    fn dir(&self, id: &str) -> PathBuf {
+        self.state_dir.join(id)
+    }
+
+    fn load(&self, id: &str) -> Result<Record, RuntimeError> {
+        let path = self.dir(id).join("state.json");
+        let bytes = match std::fs::read(&path) {
+            Ok(b) if valid_id(id) => b,
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io(id, "read its state file")(e));
+            }
+            _ => {
+                return Err(RuntimeError::NotFound {
+                    id: id.to_string(),
+                    driver: self.mode.name(),
+                });
+            }
+        };
+        serde_json::from_slice(&bytes)
+            .map_err(|e| io(id, "parse its state file")(std::io::Error::other(e)))
+    }
+
+    fn save(&self, rec: &Record) -> Result<(), RuntimeError> {
+        let id = &rec.config.id;
+        let dir = self.dir(id);
+        let tmp = dir.join("state.json.tmp");
+        let bytes = serde_json::to_vec_pretty(rec)
+            .map_err(|e| io(id, "encode its state")(std::io::Error::other(e)))?;
+        std::fs::write(&tmp, bytes).map_err(io(id, "write its state file"))?;
+        std::fs::rename(&tmp, dir.join("state.json")).map_err(io(id, "write its state file"))
+    }
+
+    fn state_of(&self, rec: &Record) -> InstanceState {
+        let Some(s) = &rec.started else {
+            return InstanceState::Created;
+        };
+        let oom = || s.cgroup.as_ref().is_some_and(Cgroup::oom_killed);
+        if let Ok(text) = std::fs::read_to_string(self.dir(&rec.config.id).join("exit")) {
+            let mut it = text.split_whitespace();
+            let (kind, n) = (it.next(), it.next().and_then(|n| n.parse().ok()));
+            let (code, signal) = match kind {
+                Some("code") => (n, None),
+                Some("signal") => (None, n),
+                _ => (None, None),
+            };
+            return InstanceState::Exited {
+                code,
+                signal,
+                oom: oom(),
+            };
+        }
+        if alive(s.pid, s.pid_start) || alive(s.supervisor, s.supervisor_start) {
+            return InstanceState::Running { pid: Some(s.pid) };
+        }
+        InstanceState::Exited {
+            code: None,
+            signal: None,
+            oom: oom(),
+        }
+    }
+
+    fn info(&self, rec: &Record) -> InstanceInfo {
+        InstanceInfo {
+            id: rec.config.id.clone(),
+            state: self.state_of(rec),
+            image_digest: rec.config.image.digest.clone(),
+            labels: rec.config.labels.clone(),
+            isolation: self.mode.isolation(),
+        }
+    }
+
+    pub fn create(&self, config: &InstanceConfig) -> Result<InstanceInfo, RuntimeError> {
+        let id = &config.id;
+        if !valid_id(id) {
+            return Err(setup(
+                id,
+                "the id is not a valid file name",
+                "use letters, digits, '-', '_' and '.'",
+            ));
+        }
+        let dir = self.dir(id);
+        if dir.join("state.json").exists() {
+            return Err(RuntimeError::AlreadyExists {
+                id: id.clone(),
+                driver: self.mode.name(),
+            });
+        }
+        self.mode.plan(&dir, config)?;
+        // Recorded once per image, before anything can run from it.
+        crate::root::recorded_manifest(&self.state_dir, &config.image.digest, &config.image.rootfs)
+            .map_err(io(id, "record the digests of its root"))?;
+        std::fs::create_dir_all(&dir).map_err(io(id, "create its state directory"))?;
+        let rec = Record {
+            config: config.clone(),
+            started: None,
+        };
+        if let Err(e) = std::fs::create_dir_all(&config.log_dir)
+            .map_err(io(id, "create its log directory"))
+            .and_then(|()| self.save(&rec))
+        {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        Ok(self.info(&rec))
+    }
+
+    pub fn start(&self, id: &str) -> Result<InstanceInfo, RuntimeError> {
+        let mut rec = self.load(id)?;
+        let state = self.state_of(&rec);
+        if !state.can_start() {
+            return Err(RuntimeError::InvalidState {
+                id: id.into(),
+                op: "start",
+                state: format!("{state:?}"),
+            });
+        }
+        let dir = self.dir(id);
+        let _ = std::fs::remove_file(dir.join("exit"));
+        let mut plan = self.mode.plan(&dir, &rec.config)?;
+        let cgroup = match self.mode.cgroups() {
+            Some(v) => Some(Cgroup::create(v, id, &rec.config.resources).map_err(|e| {
+                setup(
+                    id,
+                    format!("cannot set up its cgroup: {e}"),
+                    "check that cgroups are mounted and writable",
+                )
+            })?),
+            None => None,
+        };
+        let result = cgroup
+            .as_ref()
+            .map(Cgroup::procs_files)
+            .transpose()
+            .map_err(io(id, "open its cgroup"))
+            .and_then(|files| {
+                plan.cgroup_procs = files.unwrap_or_default();
+                launch::launch(&plan).map_err(|e| self.launch_error(&rec.config, e))
+            });
+        let launched: Launched = match result {
+            Ok(l) => l,
+            Err(e) => {
+                // The supervisor records the failed child's exit; wait for it
+                // to be gone so that nothing is left, then forget it.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !dir.join("exit").exists()
+                    && Instant::now() < deadline
+                    && matches!(
+                        e,
+                        RuntimeError::MissingProgram { .. }
+                            | RuntimeError::NotExecutable { .. }
+                            | RuntimeError::Setup { .. }
+                    )
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                if let Some(cg) = &cgroup {
+                    cg.remove();
+                }
+                let _ = std::fs::remove_file(dir.join("exit"));
+                return Err(e);
+            }
+        };
+        rec.started = Some(Started {
+            pid: launched.pid,
+            pid_start: pid_start(launched.pid).unwrap_or(0),
+            supervisor: launched.supervisor,
+            supervisor_start: pid_start(launched.supervisor).unwrap_or(0),
+            cgroup,
+        });
+        self.save(&rec)?;
+        Ok(self.info(&rec))
+    }
+
+    fn launch_error(&self, config: &InstanceConfig, e: launch::LaunchError) -> RuntimeError {
+        let id = config.id.clone();
+        match (e.step, e.error.raw_os_error()) {
+            ("execve", Some(libc::ENOENT)) => RuntimeError::MissingProgram {
+                id,
+                program: config.argv.first().cloned().unwrap_or_default(),
+                rootfs: config.image.rootfs.clone(),
+            },
+            ("execve", Some(libc::EACCES)) => RuntimeError::NotExecutable {
+                id,
+                program: config.argv.first().cloned().unwrap_or_default(),
+            },
+            (step, _) => setup(
+                &id,
+                format!("cannot {step}: {}", e.error),
+                "see the driver's documentation for what it needs",
+            ),
+        }
+    }
+
+    pub fn stop(&self, id: &str, grace: Duration) -> Result<InstanceInfo, RuntimeError> {
+        let rec = self.load(id)?;
+        let state = self.state_of(&rec);
+        match (state, &rec.started) {
+            (InstanceState::Exited { .. }, _) => Ok(self.info(&rec)),
+            (InstanceState::Running { .. }, Some(s)) => {
+                let group = Pid::from_raw(s.pid as i32)
+                    .ok_or_else(|| setup(id, "invalid pid", "remove it"))?;
+                let _ = rustix::process::kill_process_group(group, Signal::TERM);
+                let deadline = Instant::now() + grace;
+                while self.state_of(&rec).can_stop() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                // Also ends stragglers the leader left in its group.
+                let _ = rustix::process::kill_process_group(group, Signal::KILL);
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while self.state_of(&rec).can_stop() {
+                    if Instant::now() > deadline {
+                        return Err(setup(
+                            id,
+                            "its process did not end after SIGKILL",
+                            "check for a process stuck in the kernel (state D)",
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(self.info(&rec))
+            }
+            _ => Err(RuntimeError::InvalidState {
+                id: id.into(),
+                op: "stop",
+                state: format!("{state:?}"),
+            }),
+        }
+    }
+
+    pub fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        let rec = self.load(id)?;
+        let state = self.state_of(&rec);
+        if !state.can_remove() {
+            return Err(RuntimeError::InvalidState {
+                id: id.into(),
+                op: "remove",
+                state: format!("{state:?}"),
+            });
+        }
+        if let Some(cg) = rec.started.as_ref().and_then(|s| s.cgroup.as_ref())
+            && !cg.remove()
+        {
+            return Err(setup(
+                id,
+                "its cgroup still has processes",
+                "retry; check for processes in state D",
+            ));
+        }
+        std::fs::remove_dir_all(self.dir(id)).map_err(io(id, "remove its state directory"))
+    }
+
+    pub fn inspect(&self, id: &str) -> Result<InstanceInfo, RuntimeError> {
+        Ok(self.info(&self.load(id)?))
+    }
+
+    pub fn list(&self) -> Result<Vec<InstanceInfo>, RuntimeError> {
+        let entries = match std::fs::read_dir(&self.state_dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(io("*", "list the state directory")(e)),
+        };
+        let mut out = vec![];
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.path().join("state.json").exists() {
+                match self.load(&name) {
+                    Ok(rec) => out.push(self.info(&rec)),
+                    Err(RuntimeError::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    pub fn logs(&self, id: &str, max: u64) -> Result<(Vec<u8>, Vec<u8>), RuntimeError> {
+        let rec = self.load(id)?;
+        let read = |name: &str| -> Result<Vec<u8>, RuntimeError> {
+            let path = rec.config.log_dir.join(name);
+            let mut cur = tail(&path, max).map_err(io(id, "read its logs"))?;
+            if (cur.len() as u64) < max {
+                let mut prev = tail(
+                    &rec.config.log_dir.join(format!("{name}.1")),
+                    max - cur.len() as u64,
+                )
+                .map_err(io(id, "read its logs"))?;
+                prev.append(&mut cur);
+                cur = prev;
+            }
+            Ok(cur)
+        };
+        Ok((read("stdout.log")?, read("stderr.log")?))
+    }
+
+    pub fn verify(&self, id: &str) -> Result<Vec<Drift>, RuntimeError> {
+        let rec = self.load(id)?;
+        let root = &rec.config.image.rootfs;
+        let recorded =
+            crate::root::recorded_manifest(&self.state_dir, &rec.config.image.digest, root)
+                .map_err(io(id, "read the digests of its root"))?;
+        let now = crate::root::manifest(root).map_err(io(id, "hash its root"))?;
+        let mut drift = crate::root::diff(&recorded, &now);
+        if let (Some(s), InstanceState::Running { .. }) = (&rec.started, self.state_of(&rec))
+            && !alive(s.pid, s.pid_start)
+        {
+            drift.push(Drift::ProcessReplaced {
+                expected: Some(s.pid),
+                found: None,
+            });
+        }
+        Ok(drift)
+    }
+}

@@ -1,0 +1,118 @@
+//! The `process` driver: the fallback where namespaces are unavailable.
+//!
+//! It runs the program found *inside* the verified image root (the path is
+//! resolved as if the root were `/`, symlinks included, and executed by its
+//! host path) with exactly the declared env, in `<root>/<workdir>` when that
+//! exists (else the root), in its own session and process group, under the
+//! same supervisor as the sandbox (logs with rotation, exit status, adoption
+//! after a restart: see `launch.rs`).
+//!
+//! **No isolation**: the program sees the host's filesystem, processes and
+//! network, and no resource limit is applied. `InstanceInfo::isolation`
+//! says so, for `kiln status`; the engine must also warn when it falls back
+//! to this driver. Volumes and files are not mounted (there is no mount
+//! namespace to mount them in): they are checked and otherwise ignored.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::driver::Driver;
+use crate::error::RuntimeError;
+use crate::launch::Plan;
+use crate::local::{Local, Mode, cstrings};
+use crate::types::{Drift, InstanceConfig, InstanceInfo};
+
+pub const ISOLATION: &str =
+    "process: NO isolation (host filesystem, processes and network; no resource limits)";
+
+#[derive(Debug)]
+pub struct ProcessMode;
+
+impl Mode for ProcessMode {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+    fn isolation(&self) -> String {
+        ISOLATION.to_string()
+    }
+    fn cgroups(&self) -> Option<crate::cgroup::Version> {
+        None
+    }
+    fn plan(&self, dir: &Path, c: &InstanceConfig) -> Result<Plan, RuntimeError> {
+        let root = &c.image.rootfs;
+        let workdir = c.workdir.as_deref().unwrap_or("/");
+        let (_, host) = crate::root::resolve_program(&c.id, root, &c.argv, &c.env, workdir)?;
+        let mounts: Vec<_> = c.files.iter().chain(&c.volumes).collect();
+        crate::root::check_mounts(&c.id, &mounts)?;
+        let cwd = crate::root::resolve_in_root(root, workdir)
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(|| root.clone());
+        Ok(Plan {
+            exec: cstrings(&c.id, [host.to_string_lossy().into_owned()])?.remove(0),
+            argv: cstrings(&c.id, c.argv.iter().cloned())?,
+            envp: cstrings(&c.id, c.env.iter().map(|(k, v)| format!("{k}={v}")))?,
+            workdir: cwd,
+            user: c.user,
+            sandbox: None,
+            cgroup_procs: vec![],
+            stdout: c.log_dir.join("stdout.log"),
+            stderr: c.log_dir.join("stderr.log"),
+            log_max_bytes: c.log_max_bytes,
+            exit_file: dir.join("exit"),
+        })
+    }
+}
+
+/// Runs instances as plain processes: see the module docs.
+#[derive(Debug)]
+pub struct Process {
+    inner: Local<ProcessMode>,
+}
+
+impl Process {
+    /// Keeps its per-instance state under `state_dir` (created if missing).
+    pub fn new(state_dir: impl Into<PathBuf>) -> Result<Process, RuntimeError> {
+        let state_dir = state_dir.into();
+        std::fs::create_dir_all(&state_dir).map_err(|e| RuntimeError::Unavailable {
+            driver: "process",
+            why: format!("cannot create {}: {e}", state_dir.display()),
+            hint: "check the state directory's permissions".into(),
+        })?;
+        Ok(Process {
+            inner: Local {
+                state_dir,
+                mode: ProcessMode,
+            },
+        })
+    }
+}
+
+impl Driver for Process {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+    fn create(&self, config: &InstanceConfig) -> Result<InstanceInfo, RuntimeError> {
+        self.inner.create(config)
+    }
+    fn start(&self, id: &str) -> Result<InstanceInfo, RuntimeError> {
+        self.inner.start(id)
+    }
+    fn stop(&self, id: &str, grace: Duration) -> Result<InstanceInfo, RuntimeError> {
+        self.inner.stop(id, grace)
+    }
+    fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        self.inner.remove(id)
+    }
+    fn inspect(&self, id: &str) -> Result<InstanceInfo, RuntimeError> {
+        self.inner.inspect(id)
+    }
+    fn list(&self) -> Result<Vec<InstanceInfo>, RuntimeError> {
+        self.inner.list()
+    }
+    fn logs(&self, id: &str, max_bytes: u64) -> Result<(Vec<u8>, Vec<u8>), RuntimeError> {
+        self.inner.logs(id, max_bytes)
+    }
+    fn verify(&self, id: &str) -> Result<Vec<Drift>, RuntimeError> {
+        self.inner.verify(id)
+    }
+}

@@ -1,0 +1,358 @@
+//! The `sandbox` driver, the built-in default: Linux namespaces, a
+//! read-only root and cgroup limits, with no external binary.
+//!
+//! ## What an instance gets
+//! * New mount, PID, UTS and IPC namespaces (network only with
+//!   [`SandboxOptions::private_network`]: ports are host ports by default).
+//!   The program is PID 1 of its namespace: like Docker without `--init`,
+//!   a SIGTERM reaches it only if it handles SIGTERM, else `stop` ends it
+//!   with SIGKILL after the grace period.
+//! * A root assembled in its private mount namespace (`launch::setup_root`):
+//!   a tmpfs with one read-only bind mount per top-level entry of the shared
+//!   image root, fresh `/proc`, a minimal `/dev` (null, zero, full, random,
+//!   urandom, tty bind-mounted; fd/stdin/stdout/stderr links; tmpfs shm),
+//!   tmpfs `/tmp` and `/run`, volumes bind-mounted read-write (or read-only)
+//!   and `files` read-only; then the tmpfs turns read-only and pivot_root
+//!   makes it `/`. The image root is never written. No mount shows on the
+//!   host, and all vanish with the instance.
+//! * Hostname = instance id; env, argv, workdir and `uid:gid` from the config.
+//! * `no_new_privs`; capabilities (bounding, effective, permitted; ambient and
+//!   inheritable cleared) reduced to [`KEPT_CAPABILITIES`]: chown,
+//!   dac_override, fowner, fsetid, kill, setgid, setuid, net_bind_service
+//!   — Docker's default set minus mknod, net_raw, setpcap, setfcap,
+//!   sys_chroot and audit_write.
+//! * A cgroup (v1 or v2) with memory (swap included), CPU (CFS quota from
+//!   millicpus) and pids limits; OOM kills are reported as `oom: true`.
+//!
+//! ## Limits
+//! * Root only: the rootless mode (user namespaces) is not written yet, so
+//!   [`Sandbox::new`] answers `Unavailable` for other users and the engine
+//!   falls back to `process` with a warning.
+//! * A mount target whose parent directory is missing from the image is
+//!   refused unless it is top-level or under /tmp or /run (the image root
+//!   cannot be written to create it).
+//! * No seccomp filter yet, /proc is not masked (`/proc/kcore`,
+//!   `/proc/sys` stay as the kernel shows them to a PID namespace).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustix::thread::CapabilitySet;
+
+use crate::cgroup::{self, MIN_MEMORY};
+use crate::driver::Driver;
+use crate::error::RuntimeError;
+use crate::launch::{Entry, MountOp, Plan, SandboxPlan};
+use crate::local::{Local, Mode, cstrings, setup};
+use crate::types::{Drift, InstanceConfig, InstanceInfo};
+
+pub const KEPT_CAPABILITIES: CapabilitySet = CapabilitySet::CHOWN
+    .union(CapabilitySet::DAC_OVERRIDE)
+    .union(CapabilitySet::FOWNER)
+    .union(CapabilitySet::FSETID)
+    .union(CapabilitySet::KILL)
+    .union(CapabilitySet::SETGID)
+    .union(CapabilitySet::SETUID)
+    .union(CapabilitySet::NET_BIND_SERVICE);
+
+/// Top-level names the sandbox provides itself.
+const OWN: &[&str] = &["proc", "dev", "tmp", "run"];
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SandboxOptions {
+    /// A new, empty network namespace (loopback down): for instances that
+    /// need no network. Off by default: ports are host ports.
+    pub private_network: bool,
+}
+
+#[derive(Debug)]
+pub struct SandboxMode {
+    options: SandboxOptions,
+    cgroups: cgroup::Version,
+}
+
+impl Mode for SandboxMode {
+    fn name(&self) -> &'static str {
+        "sandbox"
+    }
+
+    fn isolation(&self) -> String {
+        let net = if self.options.private_network {
+            ",net"
+        } else {
+            ""
+        };
+        let v = match self.cgroups {
+            cgroup::Version::V1 => "v1",
+            cgroup::Version::V2 => "v2",
+        };
+        format!(
+            "sandbox: mount,pid,uts,ipc{net} namespaces; read-only root; cgroup {v} (memory,cpu,pids); no_new_privs; reduced capabilities"
+        )
+    }
+
+    fn cgroups(&self) -> Option<cgroup::Version> {
+        Some(self.cgroups)
+    }
+
+    fn plan(&self, dir: &Path, c: &InstanceConfig) -> Result<Plan, RuntimeError> {
+        let id = &c.id;
+        let image = &c.image.rootfs;
+        if let Some(m) = c.resources.memory_bytes.filter(|m| *m < MIN_MEMORY) {
+            return Err(setup(
+                id,
+                format!(
+                    "the memory limit {m} bytes is below what a process needs to start ({MIN_MEMORY} bytes)"
+                ),
+                "raise `resources.memory`",
+            ));
+        }
+        let workdir = c.workdir.clone().unwrap_or_else(|| "/".into());
+        if !workdir.starts_with('/')
+            || crate::root::resolve_in_root(image, &workdir).is_none_or(|p| !p.is_dir())
+        {
+            return Err(setup(
+                id,
+                format!("the working directory {workdir} is not a directory of the image"),
+                "create it in the image or change `workdir`",
+            ));
+        }
+        let (inside, _) = crate::root::resolve_program(id, image, &c.argv, &c.env, &workdir)?;
+        let mut entries = vec![];
+        for e in std::fs::read_dir(image)
+            .map_err(crate::local::io(id, "read its image root"))?
+            .flatten()
+        {
+            let name = e.file_name();
+            if OWN.iter().any(|o| name == *o) {
+                continue;
+            }
+            let Ok(ft) = e.file_type() else { continue };
+            let kind = if ft.is_symlink() {
+                Entry::Symlink(
+                    std::fs::read_link(e.path())
+                        .map_err(crate::local::io(id, "read its image root"))?,
+                )
+            } else if ft.is_dir() {
+                Entry::Dir
+            } else if ft.is_file() {
+                Entry::File
+            } else {
+                continue;
+            };
+            entries.push((name, kind));
+        }
+        let mounts: Vec<_> = c
+            .files
+            .iter()
+            .map(|m| (m, true))
+            .chain(c.volumes.iter().map(|m| (m, false)))
+            .collect();
+        let checked =
+            crate::root::check_mounts(id, &mounts.iter().map(|(m, _)| *m).collect::<Vec<_>>())?;
+        let mut ops: Vec<MountOp> = vec![];
+        let mut created: Vec<PathBuf> = vec![];
+        for (m, parts) in checked {
+            let forced_ro = mounts.iter().any(|(x, file)| *file && x.target == m.target);
+            let create = mount_points(id, image, &m, &parts, &ops, &mut created)?;
+            ops.push(MountOp {
+                source: m.source.clone(),
+                target: parts.iter().collect(),
+                read_only: m.read_only || forced_ro,
+                create,
+            });
+        }
+        Ok(Plan {
+            exec: cstrings(id, [inside])?.remove(0),
+            argv: cstrings(id, c.argv.iter().cloned())?,
+            envp: cstrings(id, c.env.iter().map(|(k, v)| format!("{k}={v}")))?,
+            workdir: PathBuf::from(workdir),
+            user: c.user,
+            sandbox: Some(SandboxPlan {
+                root: dir.join("root"),
+                image: image.clone(),
+                entries,
+                mounts: ops,
+                hostname: id.clone(),
+                private_network: self.options.private_network,
+                keep_caps: KEPT_CAPABILITIES,
+            }),
+            cgroup_procs: vec![],
+            stdout: c.log_dir.join("stdout.log"),
+            stderr: c.log_dir.join("stderr.log"),
+            log_max_bytes: c.log_max_bytes,
+            exit_file: dir.join("exit"),
+        })
+    }
+}
+
+/// The mount points to create for `m` in the instance's tmpfs root; never
+/// in the image and never in another volume.
+fn mount_points(
+    id: &str,
+    image: &Path,
+    m: &crate::types::Mount,
+    parts: &[String],
+    earlier: &[MountOp],
+    created: &mut Vec<PathBuf>,
+) -> Result<Vec<(PathBuf, bool)>, RuntimeError> {
+    let is_dir = m.source.is_dir();
+    let bad = || RuntimeError::BadMount {
+        id: id.to_string(),
+        target: m.target.clone(),
+    };
+    if parts[0] == "proc" || parts[0] == "dev" {
+        return Err(bad());
+    }
+    // Inside an earlier volume: it must exist there (a volume is not written).
+    let target: PathBuf = parts.iter().collect();
+    if let Some(base) = earlier
+        .iter()
+        .filter(|o| target.starts_with(&o.target))
+        .max_by_key(|o| o.target.components().count())
+    {
+        let rest = target.strip_prefix(&base.target).unwrap_or(&target);
+        let inside = base.source.join(rest);
+        return if std::fs::symlink_metadata(&inside).is_ok_and(|md| !md.file_type().is_symlink()) {
+            Ok(vec![])
+        } else {
+            Err(setup(
+                id,
+                format!(
+                    "mount point {} does not exist in the volume mounted at /{}",
+                    m.target,
+                    base.target.display()
+                ),
+                "create it in the volume first",
+            ))
+        };
+    }
+    let mut create = vec![];
+    let tmpfs = parts[0] == "tmp" || parts[0] == "run";
+    for i in 0..parts.len() {
+        let rel: PathBuf = parts[..=i].iter().collect();
+        let last = i + 1 == parts.len();
+        if created.contains(&rel) {
+            continue;
+        }
+        if tmpfs && i == 0 {
+            continue;
+        }
+        let host = image.join(&rel);
+        let parent_created = i > 0
+            && created
+                .iter()
+                .any(|c| c.as_path() == rel.parent().unwrap_or(Path::new("")));
+        match std::fs::symlink_metadata(&host) {
+            Ok(md) if md.file_type().is_symlink() => return Err(bad()),
+            Ok(md) if !tmpfs && !parent_created => {
+                if !last && !md.is_dir() {
+                    return Err(bad());
+                }
+            }
+            _ if tmpfs || i == 0 || parent_created => {
+                created.push(rel.clone());
+                create.push((rel, !last || is_dir));
+            }
+            _ => {
+                return Err(setup(
+                    id,
+                    format!(
+                        "mount point {} is missing from the image, whose root is read-only",
+                        m.target
+                    ),
+                    "add the parent directory to the image, or mount at a top-level path",
+                ));
+            }
+        }
+    }
+    Ok(create)
+}
+
+/// The built-in sandbox: see the module docs.
+#[derive(Debug)]
+pub struct Sandbox {
+    inner: Local<SandboxMode>,
+}
+
+impl Sandbox {
+    pub fn new(state_dir: impl Into<PathBuf>) -> Result<Sandbox, RuntimeError> {
+        Sandbox::with_options(state_dir, SandboxOptions::default())
+    }
+
+    /// Refuses (`Unavailable`) when not root or without cgroups, so that
+    /// the engine can fall back to `process` and say so.
+    pub fn with_options(
+        state_dir: impl Into<PathBuf>,
+        options: SandboxOptions,
+    ) -> Result<Sandbox, RuntimeError> {
+        let unavailable = |why: String, hint: &str| RuntimeError::Unavailable {
+            driver: "sandbox",
+            why,
+            hint: hint.into(),
+        };
+        if !rustix::process::geteuid().is_root() {
+            return Err(unavailable(
+                "kiln is not running as root, and the rootless sandbox (user namespaces) is not implemented yet".into(),
+                "run as root, or set `[runtime] driver = \"process\"` (no isolation)",
+            ));
+        }
+        let cgroups = cgroup::detect().ok_or_else(|| {
+            unavailable(
+                "no cgroup filesystem under /sys/fs/cgroup".into(),
+                "mount cgroups (v1 or v2)",
+            )
+        })?;
+        let state_dir = state_dir.into();
+        std::fs::create_dir_all(&state_dir).map_err(|e| {
+            unavailable(
+                format!("cannot create {}: {e}", state_dir.display()),
+                "check the state directory's permissions",
+            )
+        })?;
+        Ok(Sandbox {
+            inner: Local {
+                state_dir,
+                mode: SandboxMode { options, cgroups },
+            },
+        })
+    }
+}
+
+impl Driver for Sandbox {
+    fn name(&self) -> &'static str {
+        "sandbox"
+    }
+    fn create(&self, config: &InstanceConfig) -> Result<InstanceInfo, RuntimeError> {
+        let info = self.inner.create(config)?;
+        let root = self.inner.state_dir.join(&config.id).join("root");
+        if let Err(e) = std::fs::create_dir_all(root) {
+            let _ = self.inner.remove(&config.id);
+            return Err(crate::local::io(&config.id, "create its root mount point")(
+                e,
+            ));
+        }
+        Ok(info)
+    }
+    fn start(&self, id: &str) -> Result<InstanceInfo, RuntimeError> {
+        self.inner.start(id)
+    }
+    fn stop(&self, id: &str, grace: Duration) -> Result<InstanceInfo, RuntimeError> {
+        self.inner.stop(id, grace)
+    }
+    fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        self.inner.remove(id)
+    }
+    fn inspect(&self, id: &str) -> Result<InstanceInfo, RuntimeError> {
+        self.inner.inspect(id)
+    }
+    fn list(&self) -> Result<Vec<InstanceInfo>, RuntimeError> {
+        self.inner.list()
+    }
+    fn logs(&self, id: &str, max_bytes: u64) -> Result<(Vec<u8>, Vec<u8>), RuntimeError> {
+        self.inner.logs(id, max_bytes)
+    }
+    fn verify(&self, id: &str) -> Result<Vec<Drift>, RuntimeError> {
+        self.inner.verify(id)
+    }
+}
