@@ -70,6 +70,8 @@ pub struct GcReport {
     pub removed_tmp: Vec<PathBuf>,
     pub missing: Vec<Digest>,
     pub orphan_signatures: Vec<PathBuf>,
+    /// SBOMs and build-cache entries of manifests that are gone.
+    pub removed_metadata: Vec<PathBuf>,
 }
 
 impl Store {
@@ -212,6 +214,7 @@ impl Store {
             report.removed_blobs.push(digest);
         }
         self.sweep_rootfs(&reachable, dry_run, &mut report)?;
+        self.sweep_metadata(dry_run, &mut report)?;
         self.sweep_tmp(started, dry_run, &mut report)?;
         let signatures = self.kiln_dir().join("signatures");
         if let Ok(entries) = fs::read_dir(&signatures) {
@@ -225,6 +228,48 @@ impl Store {
             report.orphan_signatures.sort();
         }
         Ok(report)
+    }
+
+    /// Removes the SBOM (`kiln/sbom/<hex>.spdx.json`) and the build-cache
+    /// entries (`kiln/build-cache/<recipe>`, holding a manifest digest) of
+    /// manifests that no longer exist (or that this gc removes).
+    fn sweep_metadata(&self, dry_run: bool, report: &mut GcReport) -> Result<(), ImageError> {
+        let gone = |d: &Digest| !self.has_blob(d) || report.removed_blobs.contains(d);
+        let mut doomed = Vec::new();
+        if let Ok(entries) = fs::read_dir(self.kiln_dir().join("sbom")) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(hex) = name.strip_suffix(".spdx.json")
+                    && let Ok(d) = format!("sha256:{hex}").parse::<Digest>()
+                    && gone(&d)
+                {
+                    doomed.push(entry.path());
+                }
+            }
+        }
+        if let Ok(entries) = fs::read_dir(self.kiln_dir().join("build-cache")) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if format!("sha256:{name}").parse::<Digest>().is_err() {
+                    continue; // stat.json and other files of the cache
+                }
+                let target = fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|t| t.trim().parse::<Digest>().ok());
+                if target.is_none_or(|d| gone(&d)) {
+                    doomed.push(path);
+                }
+            }
+        }
+        doomed.sort();
+        for path in doomed {
+            if !dry_run {
+                fs::remove_file(&path).map_err(|e| io_error("remove", &path, e))?;
+            }
+            report.removed_metadata.push(path);
+        }
+        Ok(())
     }
 
     fn sweep_rootfs(

@@ -246,7 +246,25 @@ fn gc_removes_only_what_nothing_needs() {
     let removed = ok(&kiln(dir.path(), &["image", "gc", "--grace", "0s"]));
     assert_eq!(removed.lines().count(), before, "{removed}");
     assert_eq!(blobs(), 0);
-    let out = kiln(dir.path(), &["image", "rm", "app"]);
+    // The SBOM and the build-cache entry of the removed image go with it.
+    let left = |sub: &str| -> Vec<String> {
+        fs::read_dir(dir.path().join(".kiln/images/kiln").join(sub))
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(left("sbom").is_empty(), "{:?}", left("sbom"));
+    assert!(
+        left("build-cache").iter().all(|n| n == "stat.json"),
+        "{:?}",
+        left("build-cache")
+    );
+    // A rebuild after gc works (the cache does not point at deleted blobs).
+    let rebuilt = ok(&kiln(dir.path(), &["build"]));
+    assert!(rebuilt.contains("built"), "{rebuilt}");
+    let out = kiln(dir.path(), &["image", "rm", "nope"]);
     assert_eq!(out.status.code(), Some(1));
 }
 
