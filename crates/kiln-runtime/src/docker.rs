@@ -297,6 +297,38 @@ impl DockerDriver {
         }
     }
 
+    /// Whether the engine's event log holds an `oom` event of the
+    /// container (`until` = now, so the stream ends).
+    fn had_oom_event(&self, container: &str) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let filters = HashMap::from([
+            ("container".to_string(), vec![container.to_string()]),
+            ("event".to_string(), vec!["oom".to_string()]),
+        ]);
+        let options = bollard::query_parameters::EventsOptions {
+            since: Some("0".into()),
+            until: Some((now + 1).to_string()),
+            filters: Some(filters),
+        };
+        // The event may trail the exit by a moment: look a few times, up
+        // to half a second, only for a SIGKILLed container with a limit.
+        for attempt in 0..5 {
+            let found = self.rt.block_on(async {
+                let mut events = self.docker.events(Some(options.clone()));
+                matches!(events.next().await, Some(Ok(_)))
+            });
+            if found {
+                return true;
+            }
+            if attempt < 4 {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        false
+    }
+
     fn info(&self, id: &str) -> Result<InstanceInfo, RuntimeError> {
         let name = container_name(id);
         let inspect = self.rt.block_on(self.docker.inspect_container(&name, None));
@@ -328,10 +360,21 @@ impl DockerDriver {
             },
             Some(_) => {
                 let code = st.exit_code.and_then(|c| i32::try_from(c).ok());
-                let oom = st.oom_killed.unwrap_or(false);
                 let signal = code
                     .filter(|c| (129..=128 + 64).contains(c))
                     .map(|c| c - 128);
+                // The engine sets OOMKilled from an event that can arrive
+                // after the exit is recorded; its event log is the
+                // authority, so a SIGKILLed container is checked there.
+                let limited = inspect
+                    .host_config
+                    .as_ref()
+                    .and_then(|h| h.memory)
+                    .is_some_and(|m| m > 0);
+                let oom = st.oom_killed.unwrap_or(false)
+                    || (signal == Some(9)
+                        && limited
+                        && self.had_oom_event(inspect.id.as_deref().unwrap_or(&name)));
                 InstanceState::Exited { code, signal, oom }
             }
         };

@@ -16,6 +16,13 @@
 //!   it is PID 1 of a new PID namespace and builds its root in a private
 //!   mount namespace (see [`setup_root`]), so no mount ever shows on the
 //!   host and all of them vanish with the instance.
+//! * **Rootless** (`SandboxPlan::userns`): S first unshares a user
+//!   namespace and waits; S0, still outside it, writes S's `setgroups`
+//!   (deny), `uid_map` and `gid_map` (the caller's uid and gid as 0, single-id
+//!   maps: all an unprivileged process may write) and lets S go on. S is then
+//!   root in that namespace, which owns the PID, mount, UTS and IPC
+//!   namespaces created next, so the rest is unchanged. [`probe_user_namespace`]
+//!   tells beforehand whether the kernel allows it.
 //! * Errors in C before execve are reported through a CLOEXEC pipe (step and
 //!   errno); EOF on that pipe means execve succeeded.
 //!
@@ -75,6 +82,9 @@ pub struct SandboxPlan {
     pub hostname: String,
     pub private_network: bool,
     pub keep_caps: CapabilitySet,
+    /// Rootless mode: the host `(uid, gid)` mapped to 0 inside a new user
+    /// namespace that S creates before the others (see [`launch`]).
+    pub userns: Option<(u32, u32)>,
 }
 
 #[derive(Debug, Clone)]
@@ -130,6 +140,8 @@ const STEPS: &[&str] = &[
     "switch user",
     "set no_new_privs",
     "execve",
+    "create the user namespace",
+    "map the user namespace",
 ];
 
 fn step(name: &str) -> u32 {
@@ -183,6 +195,19 @@ pub fn launch(plan: &Plan) -> Result<Launched, LaunchError> {
     let mut envp: Vec<*const libc::c_char> = plan.envp.iter().map(|a| a.as_ptr()).collect();
     envp.push(std::ptr::null());
     let ptrs = (argv.as_ptr(), envp.as_ptr());
+    let userns = plan.sandbox.as_ref().and_then(|sb| sb.userns);
+    // Rootless: S unshares its user namespace and says so on `ready`; S0,
+    // its parent, still outside, writes the id maps and answers on `go`.
+    let pipe = || {
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| LaunchError {
+            step: "create a pipe",
+            error: e.into(),
+        })
+    };
+    let sync = match userns {
+        Some(_) => Some((pipe()?, pipe()?)),
+        None => None,
+    };
 
     // SAFETY: the child only runs `intermediate`, which forks once more and
     // `_exit`s; see the module docs for what the grandchild may do.
@@ -194,14 +219,25 @@ pub fn launch(plan: &Plan) -> Result<Launched, LaunchError> {
         };
         if s == 0 {
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if let Some(((ready_r, ready_w), (go_r, go_w))) = &sync {
+                    drop_raw(&[ready_r, go_w]);
+                    enter_user_namespace(&wr, ready_w, go_r);
+                }
                 supervise(plan, &wr, &stdin, &out, &err, ptrs)
             }));
+        }
+        if let (Some(((ready_r, ready_w), (go_r, go_w))), Some(ids)) = (&sync, userns) {
+            drop_raw(&[ready_w, go_r]);
+            if s > 0 {
+                map_user_namespace(&wr, s, ids, ready_r, go_w);
+            }
         }
         // SAFETY: `_exit` ends the process without running the parent's
         // destructors or atexit handlers, which belong to the daemon.
         unsafe { libc::_exit(i32::from(s < 0)) }
     }
     drop(wr);
+    drop(sync);
     if s0 < 0 {
         return Err(LaunchError {
             step: STEPS[0],
@@ -253,6 +289,95 @@ fn close_all_except(keep: &mut [RawFd]) {
     }
     // SAFETY: as above.
     unsafe { libc::syscall(libc::SYS_close_range, lo, u32::MAX, 0) };
+}
+
+/// Closes descriptors that this side of a fork does not use; the
+/// `OwnedFd`s are never dropped on this side (it ends in `_exit`).
+fn drop_raw(fds: &[&OwnedFd]) {
+    for fd in fds {
+        // SAFETY: closes this process's copy only; the owner is never
+        // used or dropped again here (every path ends in `_exit`).
+        unsafe { libc::close(fd.as_raw_fd()) };
+    }
+}
+
+/// S, rootless: a new user namespace, mapped by S0 (see [`map_user_namespace`]).
+/// If unshare fails S reports it; if S0 fails to map, S0 reports it and S
+/// sees EOF on `go`: either way S ends before anything else is set up.
+fn enter_user_namespace(wr: &OwnedFd, ready: &OwnedFd, go: &OwnedFd) {
+    // SAFETY: S is single-threaded; NEWUSER affects only itself.
+    if let Err(e) = unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWUSER) } {
+        send(
+            wr,
+            TAG_ERROR,
+            step("create the user namespace"),
+            e.raw_os_error(),
+        );
+        // SAFETY: see `launch`.
+        unsafe { libc::_exit(127) }
+    }
+    let _ = rustix::io::write(ready, b"u");
+    let mut b = [0u8; 1];
+    if !matches!(rustix::io::read(go, &mut b), Ok(1)) {
+        // SAFETY: see `launch`.
+        unsafe { libc::_exit(127) }
+    }
+}
+
+/// S0, rootless: maps the caller's `(uid, gid)` to 0:0 in S's new user
+/// namespace (single-id maps, which an unprivileged process may write for
+/// its own ids once `setgroups` is denied), then lets S go on.
+fn map_user_namespace(wr: &OwnedFd, s: i32, (uid, gid): (u32, u32), ready: &OwnedFd, go: &OwnedFd) {
+    let mut b = [0u8; 1];
+    if !matches!(rustix::io::read(ready, &mut b), Ok(1)) {
+        return; // S failed and reported it.
+    }
+    let proc = PathBuf::from(format!("/proc/{s}"));
+    let result = std::fs::write(proc.join("setgroups"), "deny")
+        .and_then(|()| std::fs::write(proc.join("uid_map"), format!("0 {uid} 1\n")))
+        .and_then(|()| std::fs::write(proc.join("gid_map"), format!("0 {gid} 1\n")));
+    match result {
+        Ok(()) => {
+            let _ = rustix::io::write(go, b"g");
+        }
+        Err(e) => send(
+            wr,
+            TAG_ERROR,
+            step("map the user namespace"),
+            e.raw_os_error().unwrap_or(libc::EPERM),
+        ),
+    }
+}
+
+/// Whether this process may create a user namespace: tried for real in a
+/// forked child (a multi-threaded process cannot unshare NEWUSER itself).
+/// `Err` carries the errno the kernel answered.
+pub fn probe_user_namespace() -> Result<(), std::io::Error> {
+    // SAFETY: the child only calls unshare and `_exit`.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: as above; the child is single-threaded.
+        let code = match unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWUSER) } {
+            Ok(()) => 0,
+            Err(e) => e.raw_os_error().clamp(1, 255),
+        };
+        // SAFETY: see `launch`.
+        unsafe { libc::_exit(code) }
+    }
+    let pid = Pid::from_raw(pid).ok_or_else(std::io::Error::last_os_error)?;
+    loop {
+        match rustix::process::waitpid(Some(pid), WaitOptions::empty()) {
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+            Ok(status) => {
+                return match status.and_then(|(_, s)| s.exit_status()) {
+                    Some(0) => Ok(()),
+                    Some(n) => Err(std::io::Error::from_raw_os_error(n)),
+                    None => Err(std::io::Error::other("the probe process was killed")),
+                };
+            }
+        }
+    }
 }
 
 type Ptrs = (*const *const libc::c_char, *const *const libc::c_char);
@@ -561,9 +686,30 @@ fn setup_root(sb: &SandboxPlan) -> StepResult {
     .at("make mounts private")?;
     rustix::mount::mount("tmpfs", r, "tmpfs", nosuid, c"mode=0755,size=1m")
         .at("mount the instance root")?;
+    // In a user namespace the host mount's nosuid/nodev/noexec/atime
+    // flags are locked: a remount must keep them or it fails with EPERM.
+    let locked = |dst: &Path| -> MountFlags {
+        use rustix::fs::StatVfsMountFlags as S;
+        let Some(st) = sb.userns.and_then(|_| rustix::fs::statvfs(dst).ok()) else {
+            return MountFlags::empty();
+        };
+        let mut f = MountFlags::empty();
+        for (s, m) in [
+            (S::NOEXEC, MountFlags::NOEXEC),
+            (S::NOATIME, MountFlags::NOATIME),
+            (S::NODIRATIME, MountFlags::NODIRATIME),
+            (S::RELATIME, MountFlags::RELATIME),
+        ] {
+            if st.f_flag.contains(s) {
+                f |= m;
+            }
+        }
+        f
+    };
     let ro_bind = |src: &Path, dst: &Path| -> rustix::io::Result<()> {
         rustix::mount::mount_bind_recursive(src, dst)?;
-        rustix::mount::mount_remount(dst, MountFlags::BIND | MountFlags::RDONLY | nosuid, c"")
+        let flags = MountFlags::BIND | MountFlags::RDONLY | nosuid | locked(dst);
+        rustix::mount::mount_remount(dst, flags, c"")
     };
     let touch = |p: &Path| {
         rustix::fs::open(
@@ -645,8 +791,8 @@ fn setup_root(sb: &SandboxPlan) -> StepResult {
         let dst = r.join(&m.target);
         rustix::mount::mount_bind_recursive(&m.source, &dst).at("mount a volume or file")?;
         if m.read_only {
-            rustix::mount::mount_remount(&dst, MountFlags::BIND | MountFlags::RDONLY | nosuid, c"")
-                .at("mount a volume or file")?;
+            let flags = MountFlags::BIND | MountFlags::RDONLY | nosuid | locked(&dst);
+            rustix::mount::mount_remount(&dst, flags, c"").at("mount a volume or file")?;
         }
     }
     rustix::mount::mount_remount(r, MountFlags::BIND | MountFlags::RDONLY | nosuid, c"")

@@ -25,9 +25,17 @@
 //!   millicpus) and pids limits; OOM kills are reported as `oom: true`.
 //!
 //! ## Limits
-//! * Root only: the rootless mode (user namespaces) is not written yet, so
-//!   [`Sandbox::new`] answers `Unavailable` for other users and the engine
-//!   falls back to `process` with a warning.
+//! * Rootless mode: for a non-root caller, when the kernel allows
+//!   unprivileged user namespaces (see [`crate::host`]), the supervisor
+//!   first enters a new user namespace in which the caller's uid and gid
+//!   (only those: single-id maps, `setgroups` denied) are 0:0, then
+//!   everything above follows unchanged, except cgroups: they are not
+//!   delegated, so an instance that declares a memory, cpu or pids limit is
+//!   **refused** at create (a clear error; limits are never silently
+//!   dropped), and `user` may only be 0:0. `isolation` says
+//!   `sandbox (rootless): …; no cgroup limits: not delegated`. Without user
+//!   namespaces [`Sandbox::new`] answers `Unavailable` and
+//!   [`crate::select_local_driver`] falls back to `process` with a warning.
 //! * A mount target whose parent directory is missing from the image is
 //!   refused unless it is top-level or under /tmp or /run (the image root
 //!   cannot be written to create it).
@@ -68,7 +76,11 @@ pub struct SandboxOptions {
 #[derive(Debug)]
 pub struct SandboxMode {
     options: SandboxOptions,
-    cgroups: cgroup::Version,
+    /// `None` in rootless mode (cgroups are not delegated to the user).
+    cgroups: Option<cgroup::Version>,
+    /// Rootless mode: the caller's host `(uid, gid)`, mapped to 0:0 in the
+    /// instance's own user namespace.
+    rootless: Option<(u32, u32)>,
 }
 
 impl Mode for SandboxMode {
@@ -83,21 +95,44 @@ impl Mode for SandboxMode {
             ""
         };
         let v = match self.cgroups {
-            cgroup::Version::V1 => "v1",
-            cgroup::Version::V2 => "v2",
+            Some(cgroup::Version::V1) => "cgroup v1 (memory,cpu,pids)",
+            Some(cgroup::Version::V2) => "cgroup v2 (memory,cpu,pids)",
+            None => "no cgroup limits: not delegated",
         };
-        format!(
-            "sandbox: mount,pid,uts,ipc{net} namespaces; read-only root; cgroup {v} (memory,cpu,pids); no_new_privs; reduced capabilities"
-        )
+        match self.rootless {
+            None => format!(
+                "sandbox: mount,pid,uts,ipc{net} namespaces; read-only root; {v}; no_new_privs; reduced capabilities"
+            ),
+            Some((uid, _)) => format!(
+                "sandbox (rootless): user,mount,pid,uts,ipc{net} namespaces (host uid {uid} is root inside); read-only root; {v}; no_new_privs; reduced capabilities"
+            ),
+        }
     }
 
     fn cgroups(&self) -> Option<cgroup::Version> {
-        Some(self.cgroups)
+        self.cgroups
     }
 
     fn plan(&self, dir: &Path, c: &InstanceConfig) -> Result<Plan, RuntimeError> {
         let id = &c.id;
         let image = &c.image.rootfs;
+        if self.rootless.is_some() {
+            let r = &c.resources;
+            if r.memory_bytes.is_some() || r.millicpus.is_some() || r.pids.is_some() {
+                return Err(setup(
+                    id,
+                    "it declares resource limits (memory, cpu or pids), which the rootless sandbox cannot enforce: cgroups are not delegated to this user",
+                    "run kiln as root, or remove `resources` from the service",
+                ));
+            }
+            if c.user.is_some_and(|u| u != (0, 0)) {
+                return Err(setup(
+                    id,
+                    "it declares a `user` other than 0:0, but the rootless sandbox maps only the caller's own uid and gid (to 0:0)",
+                    "run kiln as root, or remove `user` from the service",
+                ));
+            }
+        }
         if let Some(m) = c.resources.memory_bytes.filter(|m| *m < MIN_MEMORY) {
             return Err(setup(
                 id,
@@ -176,6 +211,7 @@ impl Mode for SandboxMode {
                 hostname: id.clone(),
                 private_network: self.options.private_network,
                 keep_caps: KEPT_CAPABILITIES,
+                userns: self.rootless,
             }),
             cgroup_procs: vec![],
             stdout: c.log_dir.join("stdout.log"),
@@ -280,29 +316,34 @@ impl Sandbox {
         Sandbox::with_options(state_dir, SandboxOptions::default())
     }
 
-    /// Refuses (`Unavailable`) when not root or without cgroups, so that
-    /// the engine can fall back to `process` and say so.
+    /// Refuses (`Unavailable`, saying why and what to do) when the host
+    /// cannot isolate: root without cgroups, or a non-root user without
+    /// user namespaces. Probes the host (see [`crate::host::HostFacts`]).
     pub fn with_options(
         state_dir: impl Into<PathBuf>,
         options: SandboxOptions,
+    ) -> Result<Sandbox, RuntimeError> {
+        Sandbox::with_facts(state_dir, options, &crate::host::HostFacts::probe())
+    }
+
+    /// As [`Sandbox::with_options`], with the host facts given.
+    pub fn with_facts(
+        state_dir: impl Into<PathBuf>,
+        options: SandboxOptions,
+        facts: &crate::host::HostFacts,
     ) -> Result<Sandbox, RuntimeError> {
         let unavailable = |why: String, hint: &str| RuntimeError::Unavailable {
             driver: "sandbox",
             why,
             hint: hint.into(),
         };
-        if !rustix::process::geteuid().is_root() {
-            return Err(unavailable(
-                "kiln is not running as root, and the rootless sandbox (user namespaces) is not implemented yet".into(),
-                "run as root, or set `[runtime] driver = \"process\"` (no isolation)",
-            ));
-        }
-        let cgroups = cgroup::detect().ok_or_else(|| {
-            unavailable(
-                "no cgroup filesystem under /sys/fs/cgroup".into(),
-                "mount cgroups (v1 or v2)",
-            )
-        })?;
+        let (cgroups, rootless) = match facts.decide() {
+            crate::host::Isolation::Root(v) => (Some(v), None),
+            crate::host::Isolation::Rootless => (None, Some((facts.uid, facts.gid))),
+            crate::host::Isolation::Unavailable { why, hint } => {
+                return Err(unavailable(why, &hint));
+            }
+        };
         let state_dir = state_dir.into();
         std::fs::create_dir_all(&state_dir).map_err(|e| {
             unavailable(
@@ -313,7 +354,11 @@ impl Sandbox {
         Ok(Sandbox {
             inner: Local {
                 state_dir,
-                mode: SandboxMode { options, cgroups },
+                mode: SandboxMode {
+                    options,
+                    cgroups,
+                    rootless,
+                },
             },
         })
     }

@@ -26,7 +26,7 @@ fn make(state_dir: &Path) -> Result<Box<dyn Driver>, RuntimeError> {
 // adds HOSTNAME and HOME to a container's env.
 conformance_tests!(@cases make, EXPECT;
     start_stop_exit_status, term_then_kill, root_is_read_only,
-    volume_persists, memory_limit_oom, pids_limit,
+    volume_persists, volume_read_only, files_read_only, memory_limit_oom, pids_limit,
     host_processes_hidden, logs_captured, logs_rotated,
     inspect_after_death_and_adoption, verify_detects_tamper,
     bad_missing_binary, bad_not_executable, bad_escaping_volume,
@@ -184,6 +184,123 @@ fn adopts_only_its_own_test() {
     conformance::run(
         "adopts_only_its_own",
         adopts_only_its_own,
+        make,
+        conformance::Expect::ISOLATED,
+    );
+}
+
+/// Removes the test's image from the engine, even when the test fails.
+struct RemoveImage(Vec<String>);
+
+impl Drop for RemoveImage {
+    fn drop(&mut self) {
+        for r in &self.0 {
+            let _ = std::process::Command::new("docker")
+                .args(["image", "rm", "-f", r])
+                .output();
+        }
+    }
+}
+
+/// A legacy `docker save` archive of `rootfs` (manifest.json, the config
+/// JSON named by its digest, one `<id>/layer.tar`) whose config carries
+/// `label`; returns (archive bytes, config hex = the image ID).
+fn docker_save_archive(rootfs: &Path, label: &str) -> (Vec<u8>, String) {
+    use sha2::{Digest as _, Sha256};
+    let mut layer = tar::Builder::new(Vec::new());
+    layer.follow_symlinks(false);
+    layer.append_dir_all(".", rootfs).unwrap();
+    let layer = layer.into_inner().unwrap();
+    let layer_hex = hex::encode(Sha256::digest(&layer));
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Env": ["PATH=/bin"],
+            "Labels": { "io.kiln.test.archive": label },
+        },
+        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{layer_hex}")] },
+        "history": [{ "created_by": "kiln conformance test" }],
+    }))
+    .unwrap();
+    let config_hex = hex::encode(Sha256::digest(&config));
+    let manifest = serde_json::to_vec(&serde_json::json!([{
+        "Config": format!("{config_hex}.json"),
+        "RepoTags": null,
+        "Layers": [format!("{layer_hex}/layer.tar")],
+    }]))
+    .unwrap();
+    let mut archive = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, data: &[u8]| {
+        let mut header = tar::Header::new_ustar();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_mtime(0);
+        header.set_entry_type(tar::EntryType::Regular);
+        archive.append_data(&mut header, path, data).unwrap();
+    };
+    add(&format!("{layer_hex}/layer.tar"), &layer);
+    add(&format!("{layer_hex}/VERSION"), b"1.0");
+    add(&format!("{config_hex}.json"), &config);
+    add("manifest.json", &manifest);
+    (archive.into_inner().unwrap(), config_hex)
+}
+
+/// `ImageRef::docker_archive` set: the driver loads that archive (the
+/// image carries the archive's config label, which a rootfs import would
+/// not), tags it by the kiln digest and runs from it.
+fn loads_docker_archive(ctx: &conformance::Ctx) {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let label = format!("{}-{nanos}", std::process::id());
+    let (bytes, config_hex) = docker_save_archive(&ctx.fixture.rootfs, &label);
+    let archive = ctx.fixture.dir.path().join("image.tar");
+    std::fs::write(&archive, bytes).unwrap();
+    // A digest of its own, so no other test's image can stand in for it.
+    let digest = format!("sha256:{config_hex}");
+    let tag = kiln_runtime::docker::image_tag(&digest);
+    let _cleanup = RemoveImage(vec![tag.clone(), format!("sha256:{config_hex}")]);
+    for r in [&tag, &config_hex] {
+        let absent = std::process::Command::new("docker")
+            .args(["image", "inspect", r])
+            .output()
+            .unwrap();
+        assert!(!absent.status.success(), "{r} is already in the engine");
+    }
+
+    let id = conformance::unique_id(ctx);
+    let mut cfg = conformance::config(ctx, &id, &["cat", "/etc/motd"]);
+    cfg.image.digest = digest;
+    cfg.image.docker_archive = Some(archive);
+    let (state, out, err) = conformance::run_to_exit(ctx, &cfg);
+    assert!(
+        matches!(
+            state,
+            kiln_runtime::InstanceState::Exited { code: Some(0), .. }
+        ),
+        "{state:?} {err}"
+    );
+    assert_eq!(out, "hello from the image\n");
+    let labels = docker_cli(&[
+        "image",
+        "inspect",
+        "-f",
+        "{{index .Config.Labels \"io.kiln.test.archive\"}} {{.Id}}",
+        &tag,
+    ]);
+    assert_eq!(labels, format!("{label} sha256:{config_hex}"));
+    let ran = docker_cli(&["inspect", "-f", "{{.Image}}", &container_name(&id)]);
+    assert_eq!(ran, format!("sha256:{config_hex}"));
+    ctx.driver.remove(&id).unwrap();
+}
+
+#[test]
+fn loads_docker_archive_test() {
+    conformance::run(
+        "loads_docker_archive",
+        loads_docker_archive,
         make,
         conformance::Expect::ISOLATED,
     );

@@ -1,5 +1,6 @@
 //! The conformance suite against the `process` driver (no isolation: the
-//! cases that need a read-only root, a PID namespace or limits print a note).
+//! cases that need a read-only root, a PID namespace, limits or mounts —
+//! volumes, read-only volumes, read-only `files` — print a note).
 
 #[macro_use]
 mod conformance;

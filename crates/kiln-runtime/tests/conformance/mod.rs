@@ -73,7 +73,8 @@ macro_rules! conformance_tests {
     ($make:expr, $expect:expr) => {
         conformance_tests!(@cases $make, $expect;
             start_stop_exit_status, term_then_kill, root_is_read_only,
-            volume_persists, env_and_argv, memory_limit_oom, pids_limit,
+            volume_persists, volume_read_only, files_read_only, env_and_argv,
+            memory_limit_oom, pids_limit,
             host_processes_hidden, logs_captured, logs_rotated,
             inspect_after_death_and_adoption, verify_detects_tamper,
             bad_missing_binary, bad_not_executable, bad_escaping_volume,
@@ -465,6 +466,66 @@ pub fn volume_persists(ctx: &Ctx) {
     let (state, out, err) = run_to_exit(ctx, &cfg);
     assert_eq!(exit_code(state), Some(0), "{err}");
     assert_eq!(out, "persisted\n");
+}
+
+/// A volume declared read-only: its content is visible, and writing,
+/// creating or removing in it fails.
+pub fn volume_read_only(ctx: &Ctx) {
+    if !ctx.expect.mounts {
+        return not_applicable(ctx, "it has no mount namespace to mount volumes in");
+    }
+    let vol = ctx.fixture.dir.path().join("ro-volume");
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::write(vol.join("seed"), "seeded\n").unwrap();
+    let id = unique_id(ctx);
+    let script = "cat /data/seed; echo x > /data/seed && exit 10; \
+                  echo x > /data/new && exit 11; rm /data/seed && exit 12; \
+                  mkdir /data/dir && exit 13; exit 0";
+    let mut cfg = config(ctx, &id, &["sh", "-c", script]);
+    cfg.volumes.push(Mount {
+        source: vol.clone(),
+        target: "/data".into(),
+        read_only: true,
+    });
+    let (state, out, err) = run_to_exit(ctx, &cfg);
+    assert_eq!(
+        exit_code(state),
+        Some(0),
+        "wrote to a read-only volume? {state:?} {err}"
+    );
+    assert_eq!(out, "seeded\n", "{err}");
+    assert_eq!(
+        std::fs::read_to_string(vol.join("seed")).unwrap(),
+        "seeded\n"
+    );
+    assert!(!vol.join("new").exists() && !vol.join("dir").exists());
+}
+
+/// A declared file is visible with its content and read-only, even when
+/// its `Mount` does not ask for it: drivers force `files` read-only.
+pub fn files_read_only(ctx: &Ctx) {
+    if !ctx.expect.mounts {
+        return not_applicable(ctx, "it has no mount namespace to mount files in");
+    }
+    let file = ctx.fixture.dir.path().join("app.conf");
+    std::fs::write(&file, "key=value\n").unwrap();
+    let id = unique_id(ctx);
+    let script = "cat /app.conf; echo x > /app.conf && exit 10; \
+                  echo x >> /app.conf && exit 11; exit 0";
+    let mut cfg = config(ctx, &id, &["sh", "-c", script]);
+    cfg.files.push(Mount {
+        source: file.clone(),
+        target: "/app.conf".into(),
+        read_only: false,
+    });
+    let (state, out, err) = run_to_exit(ctx, &cfg);
+    assert_eq!(
+        exit_code(state),
+        Some(0),
+        "wrote to a declared file? {state:?} {err}"
+    );
+    assert_eq!(out, "key=value\n", "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "key=value\n");
 }
 
 pub fn env_and_argv(ctx: &Ctx) {
