@@ -54,7 +54,7 @@ fn run_driver(driver: &dyn Driver, ctx_config: &kiln_runtime::InstanceConfig, id
     driver.create(&cfg).unwrap();
     driver.start(id).unwrap();
     while !matches!(driver.state(id).unwrap(), InstanceState::Exited { .. }) {
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_micros(100));
     }
     driver.remove(id).unwrap();
 }
