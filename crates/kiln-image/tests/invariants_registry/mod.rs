@@ -3,7 +3,7 @@
 //!
 //! One copy, used twice: by the cargo-fuzz targets `registry_reference` and
 //! `minisig_parse` (`fuzz/fuzz_targets/`, through `#[path]`) and by
-//! `tests/fuzz_corpus_registry.rs`, which replays their seeds on stable.
+//! `tests/fuzz_corpus.rs`, which replays their seeds on stable.
 //! Each check panics with a message naming the problem.
 
 #![allow(dead_code)] // each user calls a subset
