@@ -103,7 +103,7 @@ fn named<'a, 'i>(
     };
     let mut out = Vec::new();
     for (name, name_span, value) in outer.iter() {
-        let ok = check::name(ctx, kind, name, name_span.clone());
+        check::name(ctx, kind, name, name_span.clone());
         let path = format!("{key}.{name}");
         let table = match value.get_ref() {
             toml::de::DeValue::Table(t) => Table::new(t, name_span, path),
@@ -116,9 +116,10 @@ fn named<'a, 'i>(
                 continue;
             }
         };
-        if ok {
-            out.push((name.to_owned(), table));
-        }
+        // A badly named table is still read, so the problems inside it are
+        // reported now rather than after the rename; the name error alone
+        // keeps the spec from validating.
+        out.push((name.to_owned(), table));
     }
     out
 }
