@@ -131,15 +131,21 @@ impl Cgroup {
         Ok(())
     }
 
-    /// `cgroup.procs` of every directory, opened for the child to join.
+    /// The file of every directory through which the (single-threaded)
+    /// child joins by writing `0`, opened for it: `cgroup.procs` (v2), or
+    /// `tasks` (v1). For a single-threaded process both move the same one
+    /// thread, but a v1 `cgroup.procs` write takes the global threadgroup
+    /// lock for writing, which can wait for an RCU grace period (whole
+    /// milliseconds), while moving the writing thread itself through `tasks`
+    /// skips that lock. Its children are born in the cgroup either way.
     pub fn procs_files(&self) -> std::io::Result<Vec<std::fs::File>> {
+        let name = match self.version {
+            Version::V1 => "tasks",
+            Version::V2 => "cgroup.procs",
+        };
         self.dirs
             .iter()
-            .map(|d| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(d.join("cgroup.procs"))
-            })
+            .map(|d| std::fs::OpenOptions::new().write(true).open(d.join(name)))
             .collect()
     }
 

@@ -4,7 +4,7 @@
 //! ## Design: a forked supervisor per instance
 //! ```text
 //! daemon ──fork──▶ S0 ──fork──▶ S (supervisor, setsid, reparented to init)
-//!                  └─ exits        └─[unshare(NEWPID)]─fork──▶ C ──execve──▶ program
+//!                  └─ exits        └─[unshare(NEWPID)]─vfork──▶ C ──execve──▶ program
 //! ```
 //! * **S** owns the instance: it waits for C, writes `<state>/<id>/exit`
 //!   (`code N` / `signal N`) the moment C ends, and pumps C's stdout/stderr
@@ -37,7 +37,9 @@
 //! resets its malloc locks in the child, so allocation is safe; std's global
 //! locks (stdout, stderr, env) are never touched there. S and C never return
 //! into the caller's stack: every path ends in `_exit`. A panic in them is
-//! caught and turned into an exit.
+//! caught and turned into an exit. C is started vfork-style (see
+//! [`spawn_child`]): it shares S's memory until execve while S, which is
+//! single-threaded, is suspended, so nothing else touches that memory.
 
 #![allow(unsafe_code)]
 
@@ -72,7 +74,8 @@ pub struct Plan {
 
 #[derive(Debug)]
 pub struct SandboxPlan {
-    /// Empty host directory where the instance's root is assembled.
+    /// Empty host directory on which the instance's root is assembled, in
+    /// C's private mount namespace only (so instances may share it).
     pub root: PathBuf,
     /// The shared image root (never written).
     pub image: PathBuf,
@@ -244,12 +247,15 @@ pub fn launch(plan: &Plan) -> Result<Launched, LaunchError> {
             error: std::io::Error::last_os_error(),
         });
     }
-    if let Some(pid) = Pid::from_raw(s0) {
-        let _ = rustix::process::waitpid(Some(pid), WaitOptions::empty());
-    }
+    // EOF once C has executed the program (or failed) and S and S0 closed
+    // their copies; S0 has ended (or is ending) by then: reaping it after
+    // saves the daemon one sleep and wake-up on the way.
     let mut bytes = vec![];
     let mut file = File::from(rd);
     let _ = std::io::Read::read_to_end(&mut file, &mut bytes);
+    if let Some(pid) = Pid::from_raw(s0) {
+        let _ = rustix::process::waitpid(Some(pid), WaitOptions::empty());
+    }
     let (mut supervisor, mut pid, mut error) = (None, None, None);
     for msg in bytes.chunks_exact(12) {
         let word = |i: usize| u32::from_ne_bytes([msg[i], msg[i + 1], msg[i + 2], msg[i + 3]]);
@@ -433,16 +439,14 @@ fn supervise(plan: &Plan, wr: &OwnedFd, stdin: &File, out: &File, err: &File, pt
             fail("create the PID namespace", e);
         }
     }
-    // SAFETY: C runs `child`, which ends in execve or `_exit`.
-    let c = unsafe { libc::fork() };
-    if c == 0 {
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let Err((s, e)) = child(plan, stdin, &out_w, &err_w, ptrs);
-            send(wr, TAG_ERROR, s, e.raw_os_error());
-        }));
-        // SAFETY: see `launch`.
-        unsafe { libc::_exit(127) }
-    }
+    let c = spawn_child(&ChildArgs {
+        plan,
+        stdin,
+        out: &out_w,
+        err: &err_w,
+        wr,
+        ptrs,
+    });
     if c < 0 {
         fail(
             "fork the instance",
@@ -458,6 +462,77 @@ fn supervise(plan: &Plan, wr: &OwnedFd, stdin: &File, out: &File, err: &File, pt
     pump(plan, c, out_r, err_r, out, err);
     // SAFETY: see `launch`.
     unsafe { libc::_exit(0) }
+}
+
+/// What C needs, on S's stack (S is suspended while C uses it).
+struct ChildArgs<'a> {
+    plan: &'a Plan,
+    stdin: &'a File,
+    out: &'a OwnedFd,
+    err: &'a OwnedFd,
+    wr: &'a OwnedFd,
+    ptrs: Ptrs,
+}
+
+/// Size of C's stack until execve (with a guard page at its low end).
+const CHILD_STACK: usize = 1 << 20;
+
+/// Starts C as a `vfork`-style child of S (CLONE_VM | CLONE_VFORK, on a
+/// stack of its own, like glibc's `posix_spawn`): C shares S's memory until
+/// it executes the program, so S's address space (a copy of the daemon's)
+/// is neither copied for C by the kernel nor torn down again by its
+/// execve; S stays suspended until then. C still gets its own descriptors,
+/// filesystem context, namespaces, credentials and signal dispositions (no
+/// CLONE_FILES, CLONE_FS, CLONE_SIGHAND). Returns C's pid, or -1 (errno set).
+fn spawn_child(args: &ChildArgs<'_>) -> i32 {
+    // SAFETY: a fresh private anonymous mapping, owned here until munmap.
+    let stack = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            CHILD_STACK,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if stack == libc::MAP_FAILED {
+        return -1;
+    }
+    // SAFETY: the lowest page of the mapping above becomes the guard page.
+    unsafe { libc::mprotect(stack, 4096, libc::PROT_NONE) };
+    // SAFETY: `child_entry` runs on the new stack (its top, 16-byte aligned)
+    // and only reads `args`, which outlives it: with CLONE_VFORK, clone
+    // returns here only once C has executed the program or ended.
+    let c = unsafe {
+        libc::clone(
+            child_entry,
+            stack.cast::<u8>().add(CHILD_STACK).cast(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            std::ptr::from_ref(args).cast_mut().cast(),
+        )
+    };
+    let errno = std::io::Error::last_os_error();
+    // SAFETY: C no longer runs on this stack (see above).
+    unsafe { libc::munmap(stack, CHILD_STACK) };
+    if c < 0 {
+        // SAFETY: restores the errno of clone for the caller.
+        unsafe { *libc::__errno_location() = errno.raw_os_error().unwrap_or(libc::EAGAIN) };
+    }
+    c
+}
+
+/// C's entry point (see [`spawn_child`]): ends in execve or `_exit`.
+extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `ChildArgs` that `spawn_child` was given, alive
+    // while S is suspended.
+    let a = unsafe { &*arg.cast::<ChildArgs<'_>>() };
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let Err((s, e)) = child(a.plan, a.stdin, a.out, a.err, a.ptrs);
+        send(a.wr, TAG_ERROR, s, e.raw_os_error());
+    }));
+    // SAFETY: see `launch`.
+    unsafe { libc::_exit(127) }
 }
 
 /// A log file rotated to `<name>.1` so that neither exceeds `max` bytes.
@@ -614,12 +689,23 @@ fn child(
     rustix::stdio::dup2_stderr(err.as_fd()).at("redirect stdio")?;
     rustix::process::chdir(&plan.workdir).at("change to the working directory")?;
     if let Some(sb) = &plan.sandbox {
+        // Dropping a capability already out of the set succeeds: one call
+        // per capability, EINVAL past the kernel's last one.
         for bit in 0..64 {
             let cap = CapabilitySet::from_bits_retain(1 << bit);
-            if !sb.keep_caps.contains(cap)
-                && rustix::thread::capability_is_in_bounding_set(cap).unwrap_or(false)
-            {
-                rustix::thread::remove_capability_from_bounding_set(cap).at("drop capabilities")?;
+            if sb.keep_caps.contains(cap) {
+                continue;
+            }
+            match rustix::thread::remove_capability_from_bounding_set(cap) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::INVAL) => break,
+                // Without CAP_SETPCAP only a capability still in the set
+                // is an error.
+                Err(e) => {
+                    if rustix::thread::capability_is_in_bounding_set(cap).unwrap_or(true) {
+                        return Err((step("drop capabilities"), e));
+                    }
+                }
             }
         }
     }

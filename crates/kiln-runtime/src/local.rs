@@ -1,9 +1,12 @@
 //! What the `process` and `sandbox` drivers share: the per-instance state
 //! directory, the lifecycle and its guards, stop/remove, logs and verify.
 //!
-//! `<state_dir>/<id>/state.json` holds the config and, once started, the
-//! pids (with their start times, so a reused pid is never mistaken for the
-//! instance) and the cgroup; `<state_dir>/<id>/exit` is written by the
+//! `<state_dir>/<id>/state.json` holds the config and, once started,
+//! `<state_dir>/<id>/started.json` the pids (with their start times, so a
+//! reused pid is never mistaken for the instance) and the cgroup: a file of
+//! its own, so that starting never replaces `state.json` (on ext4, renaming
+//! over a file forces its data out, and with `discard` deleting it then
+//! waits for the device); `<state_dir>/<id>/exit` is written by the
 //! instance's supervisor when its process ends (see `launch.rs`). Any
 //! process can therefore `list`/`inspect`/`stop` what another started.
 
@@ -137,18 +140,31 @@ impl<M: Mode> Local<M> {
                 });
             }
         };
-        serde_json::from_slice(&bytes)
-            .map_err(|e| io(id, "parse its state file")(std::io::Error::other(e)))
+        let mut rec: Record = serde_json::from_slice(&bytes)
+            .map_err(|e| io(id, "parse its state file")(std::io::Error::other(e)))?;
+        // Written at start (a `started` inside state.json is an older layout).
+        match std::fs::read(self.dir(id).join("started.json")) {
+            Ok(b) => {
+                rec.started = Some(
+                    serde_json::from_slice(&b)
+                        .map_err(|e| io(id, "parse its state file")(std::io::Error::other(e)))?,
+                );
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(id, "read its state file")(e)),
+        }
+        Ok(rec)
     }
 
-    fn save(&self, rec: &Record) -> Result<(), RuntimeError> {
-        let id = &rec.config.id;
+    /// Writes `value` to `<dir>/<name>` atomically (a temporary file
+    /// renamed into place).
+    fn write_json(&self, id: &str, name: &str, value: &impl Serialize) -> Result<(), RuntimeError> {
         let dir = self.dir(id);
-        let tmp = dir.join("state.json.tmp");
-        let bytes = serde_json::to_vec_pretty(rec)
+        let tmp = dir.join(format!("{name}.tmp"));
+        let bytes = serde_json::to_vec_pretty(value)
             .map_err(|e| io(id, "encode its state")(std::io::Error::other(e)))?;
         std::fs::write(&tmp, bytes).map_err(io(id, "write its state file"))?;
-        std::fs::rename(&tmp, dir.join("state.json")).map_err(io(id, "write its state file"))
+        std::fs::rename(&tmp, dir.join(name)).map_err(io(id, "write its state file"))
     }
 
     fn state_of(&self, rec: &Record) -> InstanceState {
@@ -217,7 +233,7 @@ impl<M: Mode> Local<M> {
         };
         if let Err(e) = std::fs::create_dir_all(&config.log_dir)
             .map_err(io(id, "create its log directory"))
-            .and_then(|()| self.save(&rec))
+            .and_then(|()| self.write_json(id, "state.json", &rec))
         {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
@@ -281,14 +297,15 @@ impl<M: Mode> Local<M> {
                 return Err(e);
             }
         };
-        rec.started = Some(Started {
+        let started = Started {
             pid: launched.pid,
             pid_start: pid_start(launched.pid).unwrap_or(0),
             supervisor: launched.supervisor,
             supervisor_start: pid_start(launched.supervisor).unwrap_or(0),
             cgroup,
-        });
-        self.save(&rec)?;
+        };
+        self.write_json(id, "started.json", &started)?;
+        rec.started = Some(started);
         Ok(self.info(&rec))
     }
 

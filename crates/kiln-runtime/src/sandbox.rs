@@ -63,6 +63,10 @@ pub const KEPT_CAPABILITIES: CapabilitySet = CapabilitySet::CHOWN
     .union(CapabilitySet::SETUID)
     .union(CapabilitySet::NET_BIND_SERVICE);
 
+/// The shared mount point of instance roots in the state directory (not a
+/// valid instance id: ids never start with a dot).
+const ROOT_MOUNT_POINT: &str = ".root";
+
 /// Top-level names the sandbox provides itself.
 const OWN: &[&str] = &["proc", "dev", "tmp", "run"];
 
@@ -81,6 +85,19 @@ pub struct SandboxMode {
     /// Rootless mode: the caller's host `(uid, gid)`, mapped to 0:0 in the
     /// instance's own user namespace.
     rootless: Option<(u32, u32)>,
+}
+
+impl SandboxMode {
+    /// Where C mounts the instance's tmpfs root: one empty directory shared
+    /// by all the driver's instances (`<state_dir>/.root`, never an instance
+    /// id), since each mounts over it only in its own private mount
+    /// namespace; nothing is ever mounted on it on the host.
+    fn root_mount_point(&self, instance_dir: &Path) -> PathBuf {
+        instance_dir
+            .parent()
+            .unwrap_or(instance_dir)
+            .join(ROOT_MOUNT_POINT)
+    }
 }
 
 impl Mode for SandboxMode {
@@ -204,7 +221,7 @@ impl Mode for SandboxMode {
             workdir: PathBuf::from(workdir),
             user: c.user,
             sandbox: Some(SandboxPlan {
-                root: dir.join("root"),
+                root: self.root_mount_point(dir),
                 image: image.clone(),
                 entries,
                 mounts: ops,
@@ -370,7 +387,7 @@ impl Driver for Sandbox {
     }
     fn create(&self, config: &InstanceConfig) -> Result<InstanceInfo, RuntimeError> {
         let info = self.inner.create(config)?;
-        let root = self.inner.state_dir.join(&config.id).join("root");
+        let root = self.inner.state_dir.join(ROOT_MOUNT_POINT);
         if let Err(e) = std::fs::create_dir_all(root) {
             let _ = self.inner.remove(&config.id);
             return Err(crate::local::io(&config.id, "create its root mount point")(
