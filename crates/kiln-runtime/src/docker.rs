@@ -474,13 +474,7 @@ impl Driver for DockerDriver {
 
     fn start(&self, id: &str) -> Result<InstanceInfo, RuntimeError> {
         let state = self.info(id)?.state;
-        if !state.can_start() {
-            return Err(RuntimeError::InvalidState {
-                id: id.into(),
-                op: "start",
-                state: format!("{state:?}"),
-            });
-        }
+        state.ensure_can_start(id)?;
         self.rt
             .block_on(self.docker.start_container(&container_name(id), None))
             .map_err(|e| engine(id, format!("start container: {e}")))?;
@@ -517,13 +511,7 @@ impl Driver for DockerDriver {
 
     fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         let state = self.info(id)?.state;
-        if !state.can_remove() {
-            return Err(RuntimeError::InvalidState {
-                id: id.into(),
-                op: "remove",
-                state: format!("{state:?}"),
-            });
-        }
+        state.ensure_can_remove(id)?;
         self.remove_container(id)
     }
 

@@ -58,3 +58,15 @@ pub enum RuntimeError {
         what: &'static str,
     },
 }
+
+impl RuntimeError {
+    /// `op` refused because the instance is in `state` (the guards of
+    /// [`crate::InstanceState`]).
+    pub fn invalid_state(id: &str, op: &'static str, state: crate::InstanceState) -> RuntimeError {
+        RuntimeError::InvalidState {
+            id: id.to_owned(),
+            op,
+            state: format!("{state:?}"),
+        }
+    }
+}

@@ -144,14 +144,6 @@ fn not_found(id: &str) -> RuntimeError {
     }
 }
 
-fn invalid(id: &str, op: &'static str, state: InstanceState) -> RuntimeError {
-    RuntimeError::InvalidState {
-        id: id.to_string(),
-        op,
-        state: format!("{state:?}"),
-    }
-}
-
 impl Driver for Fake {
     fn name(&self) -> &'static str {
         "fake"
@@ -206,7 +198,7 @@ impl Driver for Fake {
         let pid = 1000 + g.next_pid;
         let i = g.instances.get_mut(id).ok_or_else(|| not_found(id))?;
         if !i.state.can_start() {
-            return Err(invalid(id, "start", i.state));
+            return Err(RuntimeError::invalid_state(id, "start", i.state));
         }
         i.state = match script {
             Script::Run | Script::IgnoreTerm => InstanceState::Running { pid: Some(pid) },
@@ -252,7 +244,7 @@ impl Driver for Fake {
                 };
             }
             InstanceState::Exited { .. } => {}
-            s @ InstanceState::Created => return Err(invalid(id, "stop", s)),
+            s @ InstanceState::Created => return Err(RuntimeError::invalid_state(id, "stop", s)),
         }
         Ok(Fake::info(i))
     }
@@ -262,7 +254,7 @@ impl Driver for Fake {
         g.calls.push(format!("remove {id}"));
         let i = g.instances.get(id).ok_or_else(|| not_found(id))?;
         if !i.state.can_remove() {
-            return Err(invalid(id, "remove", i.state));
+            return Err(RuntimeError::invalid_state(id, "remove", i.state));
         }
         g.instances.remove(id);
         Ok(())

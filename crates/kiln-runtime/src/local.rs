@@ -23,6 +23,37 @@ use crate::error::RuntimeError;
 use crate::launch::{self, Launched, Plan};
 use crate::types::{Drift, InstanceConfig, InstanceInfo, InstanceState};
 
+/// The `Driver` methods that the sandbox and process drivers both hand to
+/// their [`Local`] core unchanged (`name` and `create` differ). Expects a
+/// field `inner: Local` and `Duration`, `Drift`, `InstanceInfo` and
+/// `RuntimeError` in scope.
+macro_rules! delegate_to_local {
+    () => {
+        fn start(&self, id: &str) -> Result<InstanceInfo, RuntimeError> {
+            self.inner.start(id)
+        }
+        fn stop(&self, id: &str, grace: Duration) -> Result<InstanceInfo, RuntimeError> {
+            self.inner.stop(id, grace)
+        }
+        fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+            self.inner.remove(id)
+        }
+        fn inspect(&self, id: &str) -> Result<InstanceInfo, RuntimeError> {
+            self.inner.inspect(id)
+        }
+        fn list(&self) -> Result<Vec<InstanceInfo>, RuntimeError> {
+            self.inner.list()
+        }
+        fn logs(&self, id: &str, max_bytes: u64) -> Result<(Vec<u8>, Vec<u8>), RuntimeError> {
+            self.inner.logs(id, max_bytes)
+        }
+        fn verify(&self, id: &str) -> Result<Vec<Drift>, RuntimeError> {
+            self.inner.verify(id)
+        }
+    };
+}
+pub(crate) use delegate_to_local;
+
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Record {
     pub config: InstanceConfig,
@@ -244,13 +275,7 @@ impl<M: Mode> Local<M> {
     pub fn start(&self, id: &str) -> Result<InstanceInfo, RuntimeError> {
         let mut rec = self.load(id)?;
         let state = self.state_of(&rec);
-        if !state.can_start() {
-            return Err(RuntimeError::InvalidState {
-                id: id.into(),
-                op: "start",
-                state: format!("{state:?}"),
-            });
-        }
+        state.ensure_can_start(id)?;
         let dir = self.dir(id);
         let _ = std::fs::remove_file(dir.join("exit"));
         let mut plan = self.mode.plan(&dir, &rec.config)?;
@@ -357,24 +382,14 @@ impl<M: Mode> Local<M> {
                 }
                 Ok(self.info(&rec))
             }
-            _ => Err(RuntimeError::InvalidState {
-                id: id.into(),
-                op: "stop",
-                state: format!("{state:?}"),
-            }),
+            _ => Err(RuntimeError::invalid_state(id, "stop", state)),
         }
     }
 
     pub fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         let rec = self.load(id)?;
         let state = self.state_of(&rec);
-        if !state.can_remove() {
-            return Err(RuntimeError::InvalidState {
-                id: id.into(),
-                op: "remove",
-                state: format!("{state:?}"),
-            });
-        }
+        state.ensure_can_remove(id)?;
         if let Some(cg) = rec.started.as_ref().and_then(|s| s.cgroup.as_ref())
             && !cg.remove()
         {

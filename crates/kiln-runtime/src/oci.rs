@@ -550,13 +550,7 @@ impl Driver for OciDriver {
     fn start(&self, id: &str) -> Result<InstanceInfo, RuntimeError> {
         let record = self.record(id)?;
         let state = self.state_of(id);
-        if !state.can_start() {
-            return Err(RuntimeError::InvalidState {
-                id: id.into(),
-                op: "start",
-                state: format!("{state:?}"),
-            });
-        }
+        state.ensure_can_start(id)?;
         let bundle = self.bundle(id);
         fs::create_dir_all(&record.log_dir).map_err(io(id, "create the log directory"))?;
         fs::write(bundle.join("started"), b"").map_err(io(id, "mark the bundle started"))?;
@@ -627,13 +621,7 @@ impl Driver for OciDriver {
 
     fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         let state = self.info(id)?.state;
-        if !state.can_remove() {
-            return Err(RuntimeError::InvalidState {
-                id: id.into(),
-                op: "remove",
-                state: format!("{state:?}"),
-            });
-        }
+        state.ensure_can_remove(id)?;
         if self.runtime_state(id).is_some() {
             let out = self
                 .runtime_cmd()

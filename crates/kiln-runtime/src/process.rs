@@ -94,25 +94,5 @@ impl Driver for Process {
     fn create(&self, config: &InstanceConfig) -> Result<InstanceInfo, RuntimeError> {
         self.inner.create(config)
     }
-    fn start(&self, id: &str) -> Result<InstanceInfo, RuntimeError> {
-        self.inner.start(id)
-    }
-    fn stop(&self, id: &str, grace: Duration) -> Result<InstanceInfo, RuntimeError> {
-        self.inner.stop(id, grace)
-    }
-    fn remove(&self, id: &str) -> Result<(), RuntimeError> {
-        self.inner.remove(id)
-    }
-    fn inspect(&self, id: &str) -> Result<InstanceInfo, RuntimeError> {
-        self.inner.inspect(id)
-    }
-    fn list(&self) -> Result<Vec<InstanceInfo>, RuntimeError> {
-        self.inner.list()
-    }
-    fn logs(&self, id: &str, max_bytes: u64) -> Result<(Vec<u8>, Vec<u8>), RuntimeError> {
-        self.inner.logs(id, max_bytes)
-    }
-    fn verify(&self, id: &str) -> Result<Vec<Drift>, RuntimeError> {
-        self.inner.verify(id)
-    }
+    crate::local::delegate_to_local!();
 }

@@ -94,6 +94,29 @@ impl InstanceState {
     pub fn can_remove(self) -> bool {
         !matches!(self, InstanceState::Running { .. })
     }
+
+    /// [`InstanceState::can_start`] as an error naming the instance.
+    pub fn ensure_can_start(self, id: &str) -> Result<(), crate::RuntimeError> {
+        self.ensure(self.can_start(), id, "start")
+    }
+
+    /// [`InstanceState::can_stop`] as an error naming the instance.
+    pub fn ensure_can_stop(self, id: &str) -> Result<(), crate::RuntimeError> {
+        self.ensure(self.can_stop(), id, "stop")
+    }
+
+    /// [`InstanceState::can_remove`] as an error naming the instance.
+    pub fn ensure_can_remove(self, id: &str) -> Result<(), crate::RuntimeError> {
+        self.ensure(self.can_remove(), id, "remove")
+    }
+
+    fn ensure(self, allowed: bool, id: &str, op: &'static str) -> Result<(), crate::RuntimeError> {
+        if allowed {
+            Ok(())
+        } else {
+            Err(crate::RuntimeError::invalid_state(id, op, self))
+        }
+    }
 }
 
 /// What a driver knows about one instance.

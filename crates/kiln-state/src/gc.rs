@@ -68,36 +68,9 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::{GenerationStatus, NewGeneration, Origin, StateError};
+    use crate::{GenerationStatus, StateError};
 
-    fn new_gen(i: u64) -> NewGeneration {
-        NewGeneration {
-            hash: format!("sha256:{i:064x}"),
-            parent: i.checked_sub(1).filter(|p| *p > 0),
-            origin: Origin::Apply,
-            rollback_of: None,
-            message: None,
-            body: "{}".into(),
-        }
-    }
-
-    fn store_with(n: u64) -> Store {
-        let store = Store::open_in_memory().unwrap();
-        for i in 1..=n {
-            store.append_generation(new_gen(i)).unwrap();
-        }
-        store
-    }
-
-    fn numbers(store: &Store) -> Vec<u64> {
-        store
-            .list_generations()
-            .unwrap()
-            .iter()
-            .map(|g| g.number)
-            .collect()
-    }
+    use crate::generations::tests::{new_gen, numbers, store_with};
 
     #[test]
     fn gc_keeps_the_newest_and_the_active() {

@@ -401,10 +401,10 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn new_gen(i: u64) -> NewGeneration {
+    pub(crate) fn new_gen(i: u64) -> NewGeneration {
         NewGeneration {
             hash: format!("sha256:{i:064x}"),
             parent: i.checked_sub(1).filter(|p| *p > 0),
@@ -415,7 +415,7 @@ mod tests {
         }
     }
 
-    fn store_with(n: u64) -> Store {
+    pub(crate) fn store_with(n: u64) -> Store {
         let store = Store::open_in_memory().unwrap();
         for i in 1..=n {
             store.append_generation(new_gen(i)).unwrap();
@@ -423,7 +423,7 @@ mod tests {
         store
     }
 
-    fn numbers(store: &Store) -> Vec<u64> {
+    pub(crate) fn numbers(store: &Store) -> Vec<u64> {
         store
             .list_generations()
             .unwrap()

@@ -21,12 +21,11 @@ struct DiffOutput<'a> {
     changes: Vec<kiln_plan::Change>,
 }
 
-fn side(path: &Path, which: &str) -> anyhow::Result<(String, Generation)> {
+fn side(project: &Project, which: &str) -> anyhow::Result<(String, Generation)> {
     if which == "spec" {
-        let project = Project::load(path)?;
         return Ok(("the spec on disk".into(), project.generation()?));
     }
-    let Some(store) = existing_store(path)? else {
+    let Some(store) = existing_store(project)? else {
         bail!(
             "no generations yet, so there is no `{which}` to compare\n  hint: compare against `spec` or apply first"
         );
@@ -52,8 +51,9 @@ fn side(path: &Path, which: &str) -> anyhow::Result<(String, Generation)> {
 }
 
 pub fn run(path: &Path, a: &str, b: &str, json: bool, color: bool) -> anyhow::Result<Outcome> {
-    let (a_name, a_gen) = side(path, a)?;
-    let (b_name, b_gen) = side(path, b)?;
+    let project = Project::load(path)?;
+    let (a_name, a_gen) = side(&project, a)?;
+    let (b_name, b_gen) = side(&project, b)?;
     let changes = diff_values(&a_gen, &b_gen);
     if json {
         print_json(&DiffOutput {

@@ -10,8 +10,7 @@ use crate::output::print_json;
 
 /// Opens the project's store only if it exists: read-only commands never
 /// create `.kiln/`.
-pub fn existing_store(path: &Path) -> anyhow::Result<Option<Store>> {
-    let project = Project::load(path)?;
+pub fn existing_store(project: &Project) -> anyhow::Result<Option<Store>> {
     let dir = project.state_dir();
     if !dir.join(kiln_state::DB_FILE).exists() {
         return Ok(None);
@@ -20,7 +19,7 @@ pub fn existing_store(path: &Path) -> anyhow::Result<Option<Store>> {
 }
 
 pub fn run(path: &Path, json: bool) -> anyhow::Result<Outcome> {
-    let generations = match existing_store(path)? {
+    let generations = match existing_store(&Project::load(path)?)? {
         Some(store) => store.list_generations()?,
         None => Vec::new(),
     };

@@ -22,7 +22,7 @@ struct PlanOutput<'a> {
 pub fn run(path: &Path, json: bool, detailed: bool, color: bool) -> anyhow::Result<Outcome> {
     let project = Project::load(path)?;
     let generation = project.generation()?;
-    let observed = match existing_store(path)? {
+    let observed = match existing_store(&project)? {
         Some(store) => kiln_engine::project::observed(&store)?,
         None => Observed::default(),
     };
