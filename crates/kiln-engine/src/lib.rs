@@ -1,15 +1,33 @@
-//! The engine: where the spec, the planner and the state store meet.
+//! The engine: where the spec, the planner, the state store, the images,
+//! the runtimes and the proxy meet.
 //!
-//! Today it loads a project, resolves its spec into a [`Generation`]
-//! (the only I/O on the way to a plan), reads what the store knows about
-//! running instances, and asks the pure planner what to do. Runtimes, the
-//! image store and the proxy join here as they are built; none of those
-//! crates depends on another, only this one composes them.
+//! - [`project`]: load a project and resolve its spec into a [`Generation`]
+//!   (the only I/O on the way to a plan).
+//! - [`engine`]: the daemon's engine: instances with their exit watchers
+//!   and health monitors, routes, adoption after a restart.
+//! - `rollout.rs`: applying and rolling back generations, step by step,
+//!   journaled, reverted on failure; `reconcile.rs`: healing and drift.
+//! - [`server`] and [`client`]: the HTTP API on a Unix socket ([`api`]).
+//!
+//! None of the crates it composes depends on another; only this one does.
 
+pub mod api;
+pub mod client;
+pub mod engine;
+pub mod failpoint;
+pub mod health;
 pub mod images;
+pub mod instance;
 pub mod project;
+mod reconcile;
 pub mod resolve;
+pub mod rollout;
+pub mod server;
 
+pub use engine::{Engine, EngineOptions};
 pub use images::{ImageResolver, StoreImages};
 pub use project::{EngineError, Project};
 pub use resolve::{ResolveErrors, ResolveProblem, resolve};
+
+#[doc(no_inline)]
+pub use kiln_plan::Generation;

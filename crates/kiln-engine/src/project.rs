@@ -41,6 +41,17 @@ pub enum EngineError {
         "generation {number} does not exist in {store}\n  hint: `kiln history` lists the generations"
     )]
     NoSuchGeneration { number: u64, store: PathBuf },
+    /// Another daemon or rollout holds what this one needs.
+    #[error("{0}")]
+    Busy(String),
+    #[error("the runtime is unavailable: {0}")]
+    Runtime(String),
+    #[error("cannot {what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A loaded, validated project.

@@ -2,7 +2,10 @@
 //! `kiln_runtime::select_local_driver`) and, when it is the sandbox, runs
 //! one instance of `<rootfs>/bin/sh -c SCRIPT` to its exit. Used by
 //! `tests/rootless.rs` under `setpriv --reuid=65534`; prints `key=value`
-//! lines: driver, warning, isolation, state, then the instance's stdout.
+//! lines: driver, warning, isolation, state, then the instance's stdout;
+//! then it starts a second, long-running instance and prints what
+//! `Driver::exec` of `hostname`, `id -u` and a count of visible pids in it
+//! says (`exec=HOST:UID:PIDS`, `exec_code=N`).
 //!
 //! Usage: rootless-probe ROOTFS WORKDIR SCRIPT
 //! (`PROBE_MEMORY_BYTES=N` declares a memory limit.)
@@ -74,11 +77,44 @@ fn main() {
             String::from_utf8_lossy(&err).into_owned(),
         ))
     };
+    let exec = || -> Result<kiln_runtime::ExecOutput, kiln_runtime::RuntimeError> {
+        let mut config = config.clone();
+        config.id = "probe-1".into();
+        config.log_dir = work.join("logs-1");
+        config.argv = vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "echo ready; while true; do sleep 1; done".into(),
+        ];
+        driver.create(&config)?;
+        driver.start(&config.id)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !driver.logs(&config.id, 64)?.0.starts_with(b"ready") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let script = "echo exec=$(hostname):$(id -u):$(ls /proc | grep -c '^[0-9]')";
+        let argv = ["sh", "-c", script].map(String::from);
+        let out = driver.exec(&config.id, &argv, Duration::from_secs(20));
+        driver.stop(&config.id, Duration::from_secs(1))?;
+        driver.remove(&config.id)?;
+        out
+    };
     match run() {
         Ok((state, out, err)) => {
             println!("state={state:?}");
             println!("stderr={}", err.replace('\n', " | "));
             print!("{out}");
+            match exec() {
+                Ok(out) => {
+                    print!("{}", String::from_utf8_lossy(&out.stdout));
+                    println!("exec_code={:?}", out.code);
+                    println!(
+                        "exec_stderr={}",
+                        String::from_utf8_lossy(&out.stderr).replace('\n', " | ")
+                    );
+                }
+                Err(e) => println!("exec_error={}", e.to_string().replace('\n', " ")),
+            }
         }
         Err(e) => {
             println!("error={}", e.to_string().replace('\n', " "));

@@ -54,7 +54,7 @@ use futures_util::StreamExt;
 use crate::driver::Driver;
 use crate::error::RuntimeError;
 use crate::oci::preflight;
-use crate::types::{Drift, InstanceConfig, InstanceInfo, InstanceState};
+use crate::types::{Drift, ExecOutput, InstanceConfig, InstanceInfo, InstanceState};
 
 const DRIVER: &str = "docker";
 /// The label that marks a container as kiln's, valued with the instance id.
@@ -584,6 +584,102 @@ impl Driver for DockerDriver {
             v[v.len() - keep..].to_vec()
         };
         Ok((tail(out), tail(err)))
+    }
+
+    /// An engine exec (`create_exec` + attached `start_exec`, output
+    /// collected until the stream ends, the code from `inspect_exec`): the
+    /// container's namespaces, root, cgroup, env, user and working
+    /// directory. The API cannot kill an exec, so on timeout the driver
+    /// kills its process by the host pid the engine reports (a local
+    /// engine; with a remote one the command is left to finish).
+    fn exec(
+        &self,
+        id: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError> {
+        use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+        self.info(id)?.state.ensure_can_exec(id)?;
+        if argv.is_empty() {
+            return Err(RuntimeError::Setup {
+                id: id.into(),
+                what: "exec: the command is empty".into(),
+                hint: "give a program to run".into(),
+            });
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let exec_id = self
+            .rt
+            .block_on(self.docker.create_exec(
+                &container_name(id),
+                CreateExecOptions {
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    cmd: Some(argv.to_vec()),
+                    ..Default::default()
+                },
+            ))
+            .map_err(|e| engine(id, format!("create exec: {e}")))?
+            .id;
+        let ran = self.rt.block_on(async {
+            let collect = async {
+                let (mut out, mut err) = (Vec::new(), Vec::new());
+                let started = self
+                    .docker
+                    .start_exec(&exec_id, None::<StartExecOptions>)
+                    .await?;
+                if let StartExecResults::Attached { mut output, .. } = started {
+                    while let Some(chunk) = output.next().await {
+                        match chunk? {
+                            LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                                crate::exec::push_capped(&mut out, &message)
+                            }
+                            LogOutput::StdErr { message } => {
+                                crate::exec::push_capped(&mut err, &message)
+                            }
+                            LogOutput::StdIn { .. } => {}
+                        }
+                    }
+                }
+                // The stream can end just before the engine records the code.
+                loop {
+                    let inspect = self.docker.inspect_exec(&exec_id).await?;
+                    if inspect.running != Some(true) {
+                        return Ok::<_, DockerError>((inspect.exit_code, out, err));
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            };
+            tokio::time::timeout_at(deadline, collect).await
+        });
+        match ran {
+            Ok(Ok((code, stdout, stderr))) => {
+                let code = code.and_then(|c| i32::try_from(c).ok());
+                Ok(ExecOutput {
+                    code,
+                    signal: code
+                        .filter(|c| (129..=128 + 64).contains(c))
+                        .map(|c| c - 128),
+                    stdout,
+                    stderr,
+                })
+            }
+            Ok(Err(e)) => Err(engine(id, format!("exec: {e}"))),
+            Err(_elapsed) => {
+                let pid = self
+                    .rt
+                    .block_on(self.docker.inspect_exec(&exec_id))
+                    .ok()
+                    .filter(|i| i.running == Some(true))
+                    .and_then(|i| i.pid)
+                    .and_then(|p| i32::try_from(p).ok())
+                    .and_then(rustix::process::Pid::from_raw);
+                if let Some(pid) = pid {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                }
+                Err(crate::exec::timed_out(id, argv, timeout))
+            }
+        }
     }
 
     fn verify(&self, id: &str) -> Result<Vec<Drift>, RuntimeError> {

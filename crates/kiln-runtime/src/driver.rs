@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::error::RuntimeError;
-use crate::types::{Drift, InstanceConfig, InstanceInfo, InstanceState};
+use crate::types::{Drift, ExecOutput, InstanceConfig, InstanceInfo, InstanceState};
 
 /// A way of running instances. Implementations are synchronous (the engine
 /// calls them from blocking tasks) and must survive the engine's restart:
@@ -38,6 +38,26 @@ pub trait Driver: Send + Sync {
 
     /// Differences between what runs and what was created.
     fn verify(&self, id: &str) -> Result<Vec<Drift>, RuntimeError>;
+
+    /// Runs `argv` inside the running instance (its root, namespaces,
+    /// cgroup, env and user, as the instance's own process), waits at most
+    /// `timeout`, and returns its exit code and captured output (each capped
+    /// at [`crate::EXEC_OUTPUT_CAP`]). Used by `exec` health checks and
+    /// `kiln exec`-style diagnostics. Refused unless the instance is running
+    /// ([`InstanceState::ensure_can_exec`]). On timeout the command is
+    /// killed and the error ([`RuntimeError::ExecTimedOut`]) says so.
+    fn exec(
+        &self,
+        id: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError> {
+        let _ = (id, argv, timeout);
+        Err(RuntimeError::Unsupported {
+            driver: self.name(),
+            what: "exec",
+        })
+    }
 
     /// Convenience: the current state.
     fn state(&self, id: &str) -> Result<InstanceState, RuntimeError> {

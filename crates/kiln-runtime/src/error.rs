@@ -52,6 +52,14 @@ pub enum RuntimeError {
         driver: &'static str,
         message: String,
     },
+    #[error(
+        "instance {id}: exec `{command}` did not finish within {timeout:?}: killed\n  hint: raise the timeout, or check what the command waits for"
+    )]
+    ExecTimedOut {
+        id: String,
+        command: String,
+        timeout: std::time::Duration,
+    },
     #[error("driver {driver} does not support {what}")]
     Unsupported {
         driver: &'static str,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::driver::Driver;
 use crate::error::RuntimeError;
-use crate::types::{Drift, InstanceConfig, InstanceInfo, InstanceState};
+use crate::types::{Drift, ExecOutput, InstanceConfig, InstanceInfo, InstanceState};
 
 pub const ISOLATION: &str = "fake: in memory";
 
@@ -28,6 +28,32 @@ pub enum Script {
     OomOnStart,
 }
 
+/// What `exec` in an instance answers, scripted per id (default: exit 0,
+/// no output). Kept until scripted again, so a health check sees the same
+/// answer every time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecScript {
+    /// The command ran and ended so.
+    Output(ExecOutput),
+    /// The command did not finish in time: `RuntimeError::ExecTimedOut`,
+    /// at once (the fake never waits).
+    TimedOut,
+    /// The driver failed: a `Setup` error saying this.
+    Fail(String),
+}
+
+impl ExecScript {
+    /// Exited with `code`, writing `stdout` and `stderr`.
+    pub fn exit(code: i32, stdout: &str, stderr: &str) -> ExecScript {
+        ExecScript::Output(ExecOutput {
+            code: Some(code),
+            signal: None,
+            stdout: stdout.as_bytes().to_vec(),
+            stderr: stderr.as_bytes().to_vec(),
+        })
+    }
+}
+
 #[derive(Debug)]
 struct Instance {
     config: InstanceConfig,
@@ -44,6 +70,7 @@ struct Inner {
     default_script: Option<Script>,
     fail_create: BTreeMap<String, String>,
     fail_start: BTreeMap<String, String>,
+    exec_scripts: BTreeMap<String, ExecScript>,
     calls: Vec<String>,
     next_pid: u32,
 }
@@ -85,6 +112,11 @@ impl Fake {
         self.lock()
             .fail_start
             .insert(id.to_string(), why.to_string());
+    }
+
+    /// What `exec` in `id` answers from now on (default: exit 0).
+    pub fn script_exec(&self, id: &str, script: ExecScript) {
+        self.lock().exec_scripts.insert(id.to_string(), script);
     }
 
     /// A running instance ends now: a crash, an exit, an OOM kill.
@@ -286,6 +318,33 @@ impl Driver for Fake {
         let i = g.instances.get(id).ok_or_else(|| not_found(id))?;
         Ok(i.drift.clone())
     }
+
+    fn exec(
+        &self,
+        id: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError> {
+        let mut g = self.lock();
+        g.calls.push(format!("exec {id}"));
+        let i = g.instances.get(id).ok_or_else(|| not_found(id))?;
+        i.state.ensure_can_exec(id)?;
+        match g.exec_scripts.get(id).cloned() {
+            None => Ok(ExecOutput {
+                code: Some(0),
+                signal: None,
+                stdout: vec![],
+                stderr: vec![],
+            }),
+            Some(ExecScript::Output(out)) => Ok(out),
+            Some(ExecScript::TimedOut) => Err(crate::exec::timed_out(id, argv, timeout)),
+            Some(ExecScript::Fail(why)) => Err(RuntimeError::Setup {
+                id: id.into(),
+                what: why,
+                hint: "scripted failure".into(),
+            }),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -385,5 +444,39 @@ mod tests {
         f.fail_start("x", "no");
         f.create(&config("x")).unwrap();
         assert!(f.start("x").unwrap_err().to_string().contains("instance x"));
+    }
+
+    #[test]
+    fn scripted_exec() {
+        let f = Fake::new();
+        let argv = vec!["check".to_string()];
+        let t = Duration::from_secs(1);
+        f.create(&config("a")).unwrap();
+        assert!(matches!(
+            f.exec("a", &argv, t),
+            Err(RuntimeError::InvalidState { .. })
+        ));
+        f.start("a").unwrap();
+        assert!(f.exec("a", &argv, t).unwrap().success());
+        f.script_exec("a", ExecScript::exit(3, "", "not ready\n"));
+        let out = f.exec("a", &argv, t).unwrap();
+        assert_eq!((out.code, &out.stderr[..]), (Some(3), &b"not ready\n"[..]));
+        f.script_exec("a", ExecScript::TimedOut);
+        assert!(matches!(
+            f.exec("a", &argv, t),
+            Err(RuntimeError::ExecTimedOut { .. })
+        ));
+        f.script_exec("a", ExecScript::Fail("boom".into()));
+        assert!(
+            f.exec("a", &argv, t)
+                .unwrap_err()
+                .to_string()
+                .contains("boom")
+        );
+        f.stop("a", t).unwrap();
+        assert!(matches!(
+            f.exec("a", &argv, t),
+            Err(RuntimeError::InvalidState { .. })
+        ));
     }
 }

@@ -889,3 +889,21 @@ fn setup_root(sb: &SandboxPlan) -> StepResult {
     rustix::process::chdir("/").at("pivot_root")?;
     Ok(())
 }
+
+/// Makes `cmd`'s process join the instance's cgroup between fork and exec,
+/// by writing `0` to each of `files` (`tasks` on v1, `cgroup.procs` on v2,
+/// opened by the caller) as C does, so an `exec` is accounted to (and
+/// limited with) the instance from its first instruction.
+pub fn join_cgroup_before_exec(cmd: &mut std::process::Command, files: Vec<File>) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls write(2), which is async-signal-safe; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            for f in &files {
+                rustix::io::write(f, b"0")?;
+            }
+            Ok(())
+        });
+    }
+}

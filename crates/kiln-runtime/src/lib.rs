@@ -9,6 +9,7 @@ mod cgroup;
 pub mod docker;
 pub mod driver;
 pub mod error;
+mod exec;
 pub mod fake;
 pub mod host;
 mod launch;
@@ -22,7 +23,7 @@ pub mod types;
 pub use cgroup::Version as CgroupVersion;
 pub use driver::Driver;
 pub use error::RuntimeError;
-pub use fake::Fake;
+pub use fake::{ExecScript, Fake};
 pub use host::{HostFacts, Isolation, select_local_driver, select_local_driver_with};
 pub use process::Process;
 pub use sandbox::{Sandbox, SandboxOptions};
@@ -78,5 +79,13 @@ impl Driver for AnyDriver {
     }
     fn verify(&self, id: &str) -> Result<Vec<Drift>, RuntimeError> {
         dispatch!(self, d => d.verify(id))
+    }
+    fn exec(
+        &self,
+        id: &str,
+        argv: &[String],
+        timeout: std::time::Duration,
+    ) -> Result<ExecOutput, RuntimeError> {
+        dispatch!(self, d => d.exec(id, argv, timeout))
     }
 }

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::cgroup::{self, Cgroup};
 use crate::error::RuntimeError;
 use crate::launch::{self, Launched, Plan};
-use crate::types::{Drift, InstanceConfig, InstanceInfo, InstanceState};
+use crate::types::{Drift, ExecOutput, InstanceConfig, InstanceInfo, InstanceState};
 
 /// The `Driver` methods that the sandbox and process drivers both hand to
 /// their [`Local`] core unchanged (`name` and `create` differ). Expects a
@@ -50,6 +50,14 @@ macro_rules! delegate_to_local {
         fn verify(&self, id: &str) -> Result<Vec<Drift>, RuntimeError> {
             self.inner.verify(id)
         }
+        fn exec(
+            &self,
+            id: &str,
+            argv: &[String],
+            timeout: Duration,
+        ) -> Result<crate::types::ExecOutput, RuntimeError> {
+            self.inner.exec(id, argv, timeout)
+        }
     };
 }
 pub(crate) use delegate_to_local;
@@ -76,6 +84,14 @@ pub(crate) trait Mode: Send + Sync {
     /// Checks the config (at create) and builds the plan (at start).
     fn plan(&self, dir: &Path, config: &InstanceConfig) -> Result<Plan, RuntimeError>;
     fn cgroups(&self) -> Option<cgroup::Version>;
+    /// The host command that runs `argv` in the running instance whose
+    /// process is `pid`, with the instance's env and user.
+    fn exec_command(
+        &self,
+        config: &InstanceConfig,
+        pid: u32,
+        argv: &[String],
+    ) -> Result<std::process::Command, RuntimeError>;
 }
 
 #[derive(Debug)]
@@ -444,6 +460,38 @@ impl<M: Mode> Local<M> {
             Ok(cur)
         };
         Ok((read("stdout.log")?, read("stderr.log")?))
+    }
+
+    /// `Driver::exec`: the mode's command, in the instance's cgroup (when it
+    /// has one), run to completion or killed at `timeout`.
+    pub fn exec(
+        &self,
+        id: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError> {
+        let rec = self.load(id)?;
+        self.state_of(&rec).ensure_can_exec(id)?;
+        if argv.is_empty() {
+            return Err(setup(
+                id,
+                "exec: the command is empty",
+                "give a program to run",
+            ));
+        }
+        let Some(s) = rec.started.as_ref().filter(|s| alive(s.pid, s.pid_start)) else {
+            return Err(setup(
+                id,
+                "exec: its process has ended",
+                "inspect the instance: it is exiting",
+            ));
+        };
+        let mut cmd = self.mode.exec_command(&rec.config, s.pid, argv)?;
+        if let Some(cg) = &s.cgroup {
+            let files = cg.procs_files().map_err(io(id, "open its cgroup"))?;
+            launch::join_cgroup_before_exec(&mut cmd, files);
+        }
+        crate::exec::run(id, cmd, argv, timeout, |_| {})
     }
 
     pub fn verify(&self, id: &str) -> Result<Vec<Drift>, RuntimeError> {

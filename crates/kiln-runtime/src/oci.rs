@@ -65,7 +65,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::driver::Driver;
 use crate::error::RuntimeError;
-use crate::types::{Drift, InstanceConfig, InstanceInfo, InstanceState};
+use crate::types::{Drift, ExecOutput, InstanceConfig, InstanceInfo, InstanceState};
 
 mod cgroup;
 pub(crate) mod preflight;
@@ -117,6 +117,34 @@ const CRUN_PREFIX: &str = r#"if [ -d /sys/fs/cgroup/unified ] && [ -z "$KILN_UNS
 fi
 umount /sys/fs/cgroup/unified 2>/dev/null
 "#;
+
+/// `crun exec` on a hybrid cgroup host, as [`CRUN_PREFIX`] does for `run`.
+const CRUN_EXEC: &str = r#"if [ -d /sys/fs/cgroup/unified ]; then
+  exec unshare -m --propagation private /bin/sh -c 'umount /sys/fs/cgroup/unified 2>/dev/null; exec "$@"' sh "$@"
+fi
+exec "$@"
+"#;
+
+/// A fresh file name in `dir`: `<prefix>-<pid>-<n>.<ext>` (concurrent
+/// execs of one instance never share it).
+fn tempfile_name(dir: &Path, prefix: &str, ext: &str) -> PathBuf {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    dir.join(format!("{prefix}-{}-{n}.{ext}", std::process::id()))
+}
+
+/// The `process` of the bundle's `config.json` running `argv`, as JSON for
+/// `exec --process`.
+fn exec_process(bundle: &Path, argv: &[String]) -> std::io::Result<Vec<u8>> {
+    let config: serde_json::Value = serde_json::from_slice(&fs::read(bundle.join("config.json"))?)?;
+    let mut process = config
+        .get("process")
+        .cloned()
+        .ok_or_else(|| std::io::Error::other("config.json has no process"))?;
+    process["args"] = serde_json::json!(argv);
+    process["terminal"] = serde_json::json!(false);
+    Ok(serde_json::to_vec(&process)?)
+}
 
 /// What the driver keeps beside each bundle.
 #[derive(Debug, Serialize, Deserialize)]
@@ -678,6 +706,80 @@ impl Driver for OciDriver {
             Ok(bytes[bytes.len() - keep..].to_vec())
         };
         Ok((tail("stdout.log")?, tail("stderr.log")?))
+    }
+
+    /// `runc exec` / `crun exec` with the driver's state root: the runtime
+    /// joins the container's namespaces, root and cgroup, with the
+    /// bundle's env, cwd, user, capabilities and no_new_privileges. On
+    /// timeout the exec'd process (from `--pid-file`) is killed too: it is
+    /// not in the runtime's process group.
+    fn exec(
+        &self,
+        id: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError> {
+        self.info(id)?.state.ensure_can_exec(id)?;
+        if argv.is_empty() {
+            return Err(RuntimeError::Setup {
+                id: id.into(),
+                what: "exec: the command is empty".into(),
+                hint: "give a program to run".into(),
+            });
+        }
+        let bundle = self.bundle(id);
+        let pid_file = tempfile_name(&bundle, "exec", "pid");
+        let mut cmd = match self.runtime {
+            OciRuntime::Runc => self.runtime_cmd(),
+            // As for `run`: crun refuses hybrid cgroup hosts, so it runs in
+            // a private mount namespace without the v2 mount.
+            OciRuntime::Crun => {
+                let mut c = Command::new("/bin/sh");
+                c.args([
+                    "-c",
+                    CRUN_EXEC,
+                    "kiln-exec",
+                    self.runtime.program(),
+                    "--root",
+                ])
+                .arg(self.state_dir.join("runtime"));
+                c
+            }
+        };
+        // The bundle's own process (env, cwd, user, capabilities,
+        // no_new_privileges) with `argv`: crun, unlike runc, does not take
+        // cwd and user from the container when given only a command.
+        let process_file = pid_file.with_extension("json");
+        let process = exec_process(&bundle, argv)
+            .map_err(|e| engine(id, format!("exec: read the bundle's process: {e}")))?;
+        fs::write(&process_file, process).map_err(io(id, "write the exec process"))?;
+        cmd.arg("exec")
+            .arg("--process")
+            .arg(&process_file)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg(id)
+            .env("LC_ALL", "C")
+            .current_dir(&bundle);
+        let result = crate::exec::run(id, cmd, argv, timeout, |_| {
+            let pid = fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok());
+            if let Some(pid) = pid.and_then(rustix::process::Pid::from_raw) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        });
+        let _ = fs::remove_file(&pid_file);
+        let _ = fs::remove_file(&process_file);
+        // The runtime exits 128+N for a command killed by signal N, as
+        // `state_of` reads the container's own status.
+        result.map(|mut out| {
+            out.signal = out
+                .code
+                .filter(|c| (129..=128 + 64).contains(c))
+                .map(|c| c - 128);
+            out
+        })
     }
 
     fn verify(&self, id: &str) -> Result<Vec<Drift>, RuntimeError> {

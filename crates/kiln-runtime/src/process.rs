@@ -38,6 +38,33 @@ impl Mode for ProcessMode {
     fn cgroups(&self) -> Option<crate::cgroup::Version> {
         None
     }
+    /// The program resolved inside the image root as `start` does, with
+    /// exactly the instance's env, in `<root>/<workdir>`, as its `user`.
+    fn exec_command(
+        &self,
+        c: &InstanceConfig,
+        _pid: u32,
+        argv: &[String],
+    ) -> Result<std::process::Command, RuntimeError> {
+        use std::os::unix::process::CommandExt as _;
+        let root = &c.image.rootfs;
+        let workdir = c.workdir.as_deref().unwrap_or("/");
+        let (_, host) = crate::root::resolve_program(&c.id, root, argv, &c.env, workdir)?;
+        let cwd = crate::root::resolve_in_root(root, workdir)
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(|| root.clone());
+        let mut cmd = std::process::Command::new(host);
+        cmd.arg0(&argv[0])
+            .args(&argv[1..])
+            .env_clear()
+            .envs(&c.env)
+            .current_dir(cwd);
+        if let Some((uid, gid)) = c.user {
+            cmd.uid(uid).gid(gid);
+        }
+        Ok(cmd)
+    }
+
     fn plan(&self, dir: &Path, c: &InstanceConfig) -> Result<Plan, RuntimeError> {
         let root = &c.image.rootfs;
         let workdir = c.workdir.as_deref().unwrap_or("/");

@@ -39,6 +39,11 @@
 //! * A mount target whose parent directory is missing from the image is
 //!   refused unless it is top-level or under /tmp or /run (the image root
 //!   cannot be written to create it).
+//! * `exec` enters the instance with `nsenter` (util-linux, on the host),
+//!   after joining its cgroup: its root, namespaces, env, working directory
+//!   and user, but as uid 0 with root's full capability set and without
+//!   `no_new_privs` (nsenter needs them, and nothing of the host can run
+//!   once it is inside the root to drop them).
 //! * No seccomp filter yet, /proc is not masked (`/proc/kcore`,
 //!   `/proc/sys` stay as the kernel shows them to a PID namespace).
 
@@ -128,6 +133,59 @@ impl Mode for SandboxMode {
 
     fn cgroups(&self) -> Option<cgroup::Version> {
         self.cgroups
+    }
+
+    /// `nsenter` into the instance process's namespaces (user in rootless
+    /// mode, mount, UTS, IPC, PID, and network when private) and its root,
+    /// in its working directory, as its `user`, with exactly its env. The
+    /// caller joins the instance's cgroup before `nsenter` runs.
+    fn exec_command(
+        &self,
+        c: &InstanceConfig,
+        pid: u32,
+        argv: &[String],
+    ) -> Result<std::process::Command, RuntimeError> {
+        let nsenter = crate::exec::host_program("nsenter").ok_or_else(|| {
+            setup(
+                &c.id,
+                "exec needs `nsenter` (util-linux) on the host, and it is not on PATH",
+                "install util-linux (Debian: `apt-get install util-linux`)",
+            )
+        })?;
+        let mut cmd = std::process::Command::new(nsenter);
+        cmd.arg(format!("--target={pid}"));
+        if self.rootless.is_some() {
+            // Keep the caller's ids, which the namespace maps to 0:0:
+            // nsenter would otherwise call setgroups, denied in it.
+            cmd.args(["--user", "--preserve-credentials"]);
+        }
+        cmd.args(["--mount", "--uts", "--ipc", "--pid"]);
+        if self.options.private_network {
+            cmd.arg("--net");
+        }
+        // nsenter opens `--wd=DIR` before it enters the root, so DIR is
+        // named through the instance's root (the working directory
+        // resolved in the image beforehand: no symlink in it can then lead
+        // out through the host's `/`).
+        let workdir = c.workdir.as_deref().unwrap_or("/");
+        let inside = crate::root::resolve_in_root(&c.image.rootfs, workdir)
+            .and_then(|p| p.strip_prefix(&c.image.rootfs).ok().map(Path::to_path_buf))
+            .ok_or_else(|| {
+                setup(
+                    &c.id,
+                    format!("exec: the working directory {workdir} is not in the image"),
+                    "create it in the image or change `workdir`",
+                )
+            })?;
+        let mut wd = std::ffi::OsString::from(format!("--wd=/proc/{pid}/root/"));
+        wd.push(inside.as_os_str());
+        cmd.arg("--root").arg(wd);
+        if let Some((uid, gid)) = c.user.filter(|_| self.rootless.is_none()) {
+            cmd.arg(format!("--setuid={uid}"))
+                .arg(format!("--setgid={gid}"));
+        }
+        cmd.arg("--").args(argv).env_clear().envs(&c.env);
+        Ok(cmd)
     }
 
     fn plan(&self, dir: &Path, c: &InstanceConfig) -> Result<Plan, RuntimeError> {

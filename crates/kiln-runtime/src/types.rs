@@ -105,6 +105,16 @@ impl InstanceState {
         self.ensure(self.can_stop(), id, "stop")
     }
 
+    /// `exec` needs a running process to join.
+    pub fn can_exec(self) -> bool {
+        matches!(self, InstanceState::Running { .. })
+    }
+
+    /// [`InstanceState::can_exec`] as an error naming the instance.
+    pub fn ensure_can_exec(self, id: &str) -> Result<(), crate::RuntimeError> {
+        self.ensure(self.can_exec(), id, "exec")
+    }
+
     /// [`InstanceState::can_remove`] as an error naming the instance.
     pub fn ensure_can_remove(self, id: &str) -> Result<(), crate::RuntimeError> {
         self.ensure(self.can_remove(), id, "remove")
@@ -151,6 +161,27 @@ pub enum Drift {
         what: String,
     },
 }
+
+/// What [`crate::Driver::exec`] returns: how the command ended and what it
+/// wrote, each stream capped at [`EXEC_OUTPUT_CAP`] bytes (the first bytes
+/// are kept; the rest is read and dropped).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecOutput {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl ExecOutput {
+    /// Exited with code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// The most [`ExecOutput`] keeps of each stream.
+pub const EXEC_OUTPUT_CAP: usize = 64 * 1024;
 
 /// How long `stop` waits after SIGTERM before SIGKILL.
 pub type Grace = Duration;

@@ -30,7 +30,8 @@ conformance_tests!(@cases make, EXPECT;
     host_processes_hidden, logs_captured, logs_rotated,
     inspect_after_death_and_adoption, verify_detects_tamper,
     bad_missing_binary, bad_not_executable, bad_escaping_volume,
-    bad_memory_below_minimum);
+    bad_memory_below_minimum,
+    exec_runs_inside, exec_refused_unless_running, exec_timeout_kills);
 
 const EXPECT: conformance::Expect = conformance::Expect {
     shares_host_root: false,

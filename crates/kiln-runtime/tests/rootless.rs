@@ -155,7 +155,9 @@ fn prepare() -> Option<tempfile::TempDir> {
     let bin = dir.join("rootfs/bin");
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
-    for applet in ["sh", "hostname", "touch", "ls", "echo", "id", "grep", "tr"] {
+    for applet in [
+        "sh", "hostname", "touch", "ls", "echo", "id", "grep", "tr", "sleep",
+    ] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
     }
     std::fs::copy(probe_binary(), dir.join("rootless-probe")).unwrap();
@@ -239,6 +241,13 @@ fn rootless_sandbox_isolates_or_falls_back_loudly() {
                 "host pids visible: {pids:?}"
             );
             assert!(!pids.contains(&std::process::id()) || std::process::id() < 10);
+            // `exec` joins the instance's user, PID and UTS namespaces.
+            assert_eq!(run.get("exec_code"), Some("Some(0)"), "{}", run.out);
+            let exec = run.get("exec").unwrap_or_default();
+            let fields: Vec<&str> = exec.split(':').collect();
+            assert_eq!(fields[..2], ["probe-1", "0"], "{exec}");
+            let n: usize = fields[2].parse().unwrap();
+            assert!(n < 10, "exec sees host pids: {exec}");
 
             // A declared memory limit cannot be enforced: refused, clearly.
             let limited = as_nobody(dir, "true", Some(64 << 20), Host::AsIs);

@@ -56,6 +56,7 @@ mod gc;
 mod generations;
 mod instances;
 mod journal;
+mod leases;
 mod migrations;
 
 use std::fmt;
@@ -73,6 +74,7 @@ pub use generations::{
 };
 pub use instances::{InstanceRecord, InstanceUpsert};
 pub use journal::{JournalEntry, JournalPhase, NewJournalEntry};
+pub use leases::{LeaseHeld, LeaseHolder};
 pub use migrations::SCHEMA_VERSION;
 
 /// The database's file name inside the state directory.

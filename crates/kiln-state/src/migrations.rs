@@ -17,7 +17,7 @@ pub const SCHEMA_VERSION: u32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 /// Every migration, in order: `(version, sql)`. Versions start at 1 and
 /// increase by one.
-pub(crate) const MIGRATIONS: &[(u32, &str)] = &[(1, V1)];
+pub(crate) const MIGRATIONS: &[(u32, &str)] = &[(1, V1), (2, V2)];
 
 /// Brings the database at `path` up to [`SCHEMA_VERSION`]. Returns the
 /// versions it applied (empty when the schema was already current).
@@ -69,6 +69,20 @@ fn check_not_too_new(path: &Path, found: u32) -> Result<()> {
     }
     Ok(())
 }
+
+/// Version 2: leases. A lease names a resource (`daemon`, `rollout`), who
+/// holds it (free text: pid, host, command) and when it expires, in
+/// milliseconds since the Unix epoch. A holder that dies stops renewing and
+/// its lease simply expires: there is no stuck lock to clear by hand.
+const V2: &str = r#"
+CREATE TABLE leases (
+    name        TEXT PRIMARY KEY,
+    owner       TEXT NOT NULL,
+    token       TEXT NOT NULL,
+    acquired_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    expires_ms  INTEGER NOT NULL
+);
+"#;
 
 /// Version 1: the whole initial schema.
 ///

@@ -101,6 +101,102 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Roll the spec out: show the plan, ask, replace instances health-gated
+    #[command(
+        after_help = "Starts a background daemon (log in .kiln/daemon.log) when none serves the project.\nA generation whose new instances are not healthy by deploy.deadline is rolled back.\n\nExamples:\n  kiln apply\n  kiln apply examples/hello -y\n\nExit status: 0 active, 1 failed (rolled back) or error, 3 another change in progress."
+    )]
+    Apply {
+        #[command(flatten)]
+        project: ProjectArg,
+        /// Apply without asking
+        #[arg(short = 'y', long = "yes", visible_alias = "auto-approve")]
+        yes: bool,
+        /// Wait for a change in progress instead of refusing
+        #[arg(long)]
+        wait: bool,
+        /// A note recorded with the generation
+        #[arg(short, long)]
+        message: Option<String>,
+    },
+    /// Run the engine in the foreground, apply the spec, follow events; Ctrl-C stops every instance
+    #[command(after_help = "Examples:\n  kiln up\n  kiln up examples/hello")]
+    Up {
+        #[command(flatten)]
+        project: ProjectArg,
+    },
+    /// Run the engine as a daemon (HTTP API on .kiln/kiln.sock); SIGTERM leaves instances running
+    #[command(
+        after_help = "See dist/kiln.service for a systemd unit.\n\nExamples:\n  kiln daemon\n  KILN_DRIFT_INTERVAL=2 kiln daemon examples/hello"
+    )]
+    Daemon {
+        #[command(flatten)]
+        project: ProjectArg,
+    },
+    /// Services, instances, health, traffic and the driver
+    #[command(after_help = "Examples:\n  kiln status\n  kiln status --json")]
+    Status {
+        #[command(flatten)]
+        project: ProjectArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A new generation equal in content to GEN (default: the one active before), rolled out
+    #[command(after_help = "Examples:\n  kiln rollback\n  kiln rollback 3")]
+    Rollback {
+        /// The generation to restore
+        generation: Option<u64>,
+        #[arg(
+            short = 'C',
+            long = "project",
+            value_name = "PATH",
+            default_value = "."
+        )]
+        project: PathBuf,
+        /// Wait for a change in progress instead of refusing
+        #[arg(long)]
+        wait: bool,
+    },
+    /// The output of a service's instances
+    #[command(after_help = "Examples:\n  kiln logs web\n  kiln logs web -f")]
+    Logs {
+        service: String,
+        #[arg(
+            short = 'C',
+            long = "project",
+            value_name = "PATH",
+            default_value = "."
+        )]
+        project: PathBuf,
+        /// Keep following new output (and new instances)
+        #[arg(short, long)]
+        follow: bool,
+        /// Bytes of history per instance and stream
+        #[arg(long, default_value_t = 16384)]
+        tail: u64,
+    },
+    /// Every generation, step, health change, drift, heal and rollback
+    #[command(after_help = "Examples:\n  kiln events\n  kiln events -f")]
+    Events {
+        #[command(flatten)]
+        project: ProjectArg,
+        #[arg(short, long)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every instance for drift now
+    #[command(after_help = "Exit status: 0 no drift, 4 drift found, 1 error.")]
+    Verify {
+        #[command(flatten)]
+        project: ProjectArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop every instance (volumes stay) and the daemon
+    Down {
+        #[command(flatten)]
+        project: ProjectArg,
+    },
     /// Print the JSON Schema of kiln.toml (for editors)
     Schema,
     /// Print a shell completion script

@@ -15,6 +15,8 @@ pub enum Outcome {
     Success,
     /// `plan --detailed-exitcode` found changes.
     Changes,
+    /// A command that ends with its own exit status (docs/cli.md).
+    Code(u8),
 }
 
 fn main() -> ExitCode {
@@ -23,6 +25,7 @@ fn main() -> ExitCode {
     match cmd::run(cli) {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::Changes) => ExitCode::from(2),
+        Ok(Outcome::Code(code)) => ExitCode::from(code),
         Err(err) => {
             cmd::report(&err, color_err);
             ExitCode::FAILURE

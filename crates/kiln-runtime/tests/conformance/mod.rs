@@ -78,7 +78,8 @@ macro_rules! conformance_tests {
             host_processes_hidden, logs_captured, logs_rotated,
             inspect_after_death_and_adoption, verify_detects_tamper,
             bad_missing_binary, bad_not_executable, bad_escaping_volume,
-            bad_memory_below_minimum);
+            bad_memory_below_minimum,
+            exec_runs_inside, exec_refused_unless_running, exec_timeout_kills);
     };
     (@cases $make:expr, $expect:expr; $($case:ident),*) => {
         $(
@@ -189,7 +190,7 @@ pub struct Fixture {
 
 pub const APPLETS: &[&str] = &[
     "sh", "sleep", "cat", "echo", "ls", "ps", "dd", "head", "yes", "true", "false", "env", "pwd",
-    "touch", "kill", "seq", "grep", "wc", "hostname", "id", "mkdir", "rm", "tail", "printf",
+    "touch", "kill", "seq", "grep", "wc", "hostname", "id", "mkdir", "rm", "tail", "printf", "tr",
 ];
 
 impl Fixture {
@@ -706,4 +707,153 @@ pub fn bad_memory_below_minimum(ctx: &Ctx) {
     let mut cfg = config(ctx, &id, &["true"]);
     cfg.resources.memory_bytes = Some(64 << 10);
     expect_failure(ctx, &cfg, "memory below what starts");
+}
+
+/// A running instance to exec into: waits until it has said `ready`.
+fn running(ctx: &Ctx, env: &[(&str, &str)]) -> String {
+    let id = unique_id(ctx);
+    let script = "trap 'exit 0' TERM; echo ready; while true; do sleep 1; done";
+    let mut cfg = config(ctx, &id, &["sh", "-c", script]);
+    for (k, v) in env {
+        cfg.env.insert(k.to_string(), v.to_string());
+    }
+    launch(ctx, &cfg);
+    wait_until("ready", || logs(ctx, &id).0.contains("ready"));
+    id
+}
+
+fn exec(ctx: &Ctx, id: &str, argv: &[&str]) -> kiln_runtime::ExecOutput {
+    let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+    ctx.driver
+        .exec(id, &argv, DEADLINE)
+        .unwrap_or_else(|e| panic!("exec {argv:?} in {id}: {e}"))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+pub fn exec_runs_inside(ctx: &Ctx) {
+    let id = running(ctx, &[("GREETING", "hello world")]);
+    let out = exec(ctx, &id, &["echo", "hi"]);
+    assert!(out.success(), "{out:?}");
+    assert_eq!((out.code, text(&out.stdout)), (Some(0), "hi\n".to_string()));
+    let out = exec(ctx, &id, &["sh", "-c", "echo oops >&2; exit 3"]);
+    assert!(!out.success());
+    assert_eq!(out.code, Some(3), "{out:?}");
+    assert_eq!(text(&out.stderr), "oops\n");
+    // The instance's env, not the caller's.
+    let out = exec(
+        ctx,
+        &id,
+        &[
+            "sh",
+            "-c",
+            r#"echo "$GREETING|$KILN_TEST_MARKER|${CARGO:-none}""#,
+        ],
+    );
+    assert_eq!(
+        text(&out.stdout),
+        format!("hello world|{id}|none\n"),
+        "{out:?}"
+    );
+    // The instance's working directory in the image: relative to it the
+    // image's own file is found by every driver, `process` included.
+    let out = exec(ctx, &id, &["cat", "etc/motd"]);
+    assert_eq!(text(&out.stdout), "hello from the image\n", "{out:?}");
+    if ctx.expect.read_only_root {
+        // The instance's root: `/` is the image, read-only.
+        let out = exec(ctx, &id, &["cat", "/etc/motd"]);
+        assert_eq!(text(&out.stdout), "hello from the image\n", "{out:?}");
+        let out = exec(ctx, &id, &["sh", "-c", "touch /written 2>/dev/null"]);
+        assert!(!out.success(), "exec wrote to the read-only root: {out:?}");
+    } else {
+        not_applicable(ctx, "it has no root of its own: `/` is the host's");
+    }
+    if ctx.expect.pid_isolation {
+        // The instance's PID namespace: the exec sees the instance's
+        // processes (its PID 1 is the instance's sh), not the host's.
+        let out = exec(
+            ctx,
+            &id,
+            &[
+                "sh",
+                "-c",
+                "cat /proc/1/cmdline | tr '\\0' ' '; echo; ls /proc | grep -c '^[0-9]'",
+            ],
+        );
+        let stdout = text(&out.stdout);
+        let mut lines = stdout.lines();
+        assert!(
+            lines.next().unwrap_or_default().contains("echo ready"),
+            "{stdout}"
+        );
+        let n: usize = lines.next().unwrap_or("999").trim().parse().unwrap();
+        assert!(n <= 8, "the exec sees {n} processes: {stdout}");
+    } else {
+        not_applicable(ctx, "it has no PID namespace");
+    }
+    ctx.driver.stop(&id, Duration::from_secs(30)).unwrap();
+    if ctx.expect.read_only_root {
+        // The instance's working directory and user.
+        let id = unique_id(ctx);
+        let script = "trap 'exit 0' TERM; echo ready; while true; do sleep 1; done";
+        let mut cfg = config(ctx, &id, &["sh", "-c", script]);
+        cfg.workdir = Some("/etc".into());
+        cfg.user = Some((1000, 1001));
+        launch(ctx, &cfg);
+        wait_until("ready", || logs(ctx, &id).0.contains("ready"));
+        let out = exec(ctx, &id, &["sh", "-c", "pwd; id -u; id -g; cat motd"]);
+        assert_eq!(
+            text(&out.stdout),
+            "/etc\n1000\n1001\nhello from the image\n",
+            "{out:?}"
+        );
+        ctx.driver.stop(&id, Duration::from_secs(30)).unwrap();
+    }
+}
+
+pub fn exec_refused_unless_running(ctx: &Ctx) {
+    let argv = vec!["true".to_string()];
+    let id = unique_id(ctx);
+    ctx.driver
+        .create(&config(ctx, &id, &["sh", "-c", "exit 0"]))
+        .unwrap();
+    let err = ctx.driver.exec(&id, &argv, DEADLINE).unwrap_err();
+    assert!(matches!(err, RuntimeError::InvalidState { .. }), "{err}");
+    assert!(err.to_string().contains(&id), "{err}");
+    ctx.driver.start(&id).unwrap();
+    wait_exited(ctx, &id);
+    let err = ctx.driver.exec(&id, &argv, DEADLINE).unwrap_err();
+    assert!(matches!(err, RuntimeError::InvalidState { .. }), "{err}");
+    let err = ctx
+        .driver
+        .exec("no-such-instance", &argv, DEADLINE)
+        .unwrap_err();
+    assert!(matches!(err, RuntimeError::NotFound { .. }), "{err}");
+}
+
+pub fn exec_timeout_kills(ctx: &Ctx) {
+    let id = running(ctx, &[]);
+    let token = format!("kilnexec{}", SEQ.fetch_add(1, Ordering::Relaxed));
+    let argv: Vec<String> = ["sh", "-c", &format!("sleep 600; echo {token}")]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let err = ctx
+        .driver
+        .exec(&id, &argv, Duration::from_secs(1))
+        .unwrap_err();
+    assert!(matches!(err, RuntimeError::ExecTimedOut { .. }), "{err}");
+    assert!(err.to_string().contains("killed"), "{err}");
+    // Killed, while the instance runs on.
+    wait_until("the timed-out command to be killed", || {
+        !std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| c.windows(token.len()).any(|w| w == token.as_bytes()))
+        })
+    });
+    assert!(ctx.driver.state(&id).unwrap().can_stop());
+    assert!(exec(ctx, &id, &["true"]).success());
+    ctx.driver.stop(&id, Duration::from_secs(30)).unwrap();
 }

@@ -2,6 +2,7 @@
 
 mod build;
 mod diff;
+mod engine;
 mod history;
 mod image;
 mod key;
@@ -35,6 +36,33 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             project,
             json,
         } => diff::run(&project.path, &a, &b, json, color),
+        Command::Apply {
+            project,
+            yes,
+            wait,
+            message,
+        } => engine::apply(&project.path, yes, wait, message, color),
+        Command::Up { project } => engine::up(&project.path, color),
+        Command::Daemon { project } => engine::daemon(&project.path),
+        Command::Status { project, json } => engine::status(&project.path, json),
+        Command::Rollback {
+            generation,
+            project,
+            wait,
+        } => engine::rollback(&project, generation, wait),
+        Command::Logs {
+            service,
+            project,
+            follow,
+            tail,
+        } => engine::logs(&project, &service, follow, tail),
+        Command::Events {
+            project,
+            follow,
+            json,
+        } => engine::events(&project.path, follow, json),
+        Command::Verify { project, json } => engine::verify(&project.path, json),
+        Command::Down { project } => engine::down(&project.path),
         Command::Schema => {
             println!("{}", kiln_spec::schema::json_schema());
             Ok(Outcome::Success)

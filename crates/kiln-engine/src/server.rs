@@ -1,0 +1,357 @@
+//! The daemon: the engine behind the HTTP API on a Unix socket.
+
+use std::convert::Infallible;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+
+use crate::api::{Reply, Request, SOCKET_FILE, exit};
+use crate::engine::{Engine, EngineOptions, Progress};
+use crate::project::EngineError;
+
+/// Starts the engine and serves the API until [`Engine::stop`] (or the
+/// `Down` action). The socket is `<state_dir>/kiln.sock`, mode 0600.
+pub async fn serve(opts: EngineOptions) -> Result<Arc<Engine>, EngineError> {
+    let socket = opts.state_dir.join(SOCKET_FILE);
+    std::fs::create_dir_all(&opts.state_dir).map_err(|e| EngineError::Io {
+        what: format!("create {}", opts.state_dir.display()),
+        source: e,
+    })?;
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        return Err(EngineError::Busy(format!(
+            "a kiln daemon already answers on {}\n  hint: `kiln status` talks to it; `kiln down` stops it",
+            socket.display()
+        )));
+    }
+    let engine = Engine::start(opts).await?;
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).map_err(|e| EngineError::Io {
+        what: format!("listen on {}", socket.display()),
+        source: e,
+    })?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+        EngineError::Io {
+            what: format!("restrict {}", socket.display()),
+            source: e,
+        }
+    })?;
+    tokio::spawn(accept(listener, engine.clone(), socket));
+    Ok(engine)
+}
+
+async fn accept(listener: UnixListener, engine: Arc<Engine>, socket: PathBuf) {
+    loop {
+        tokio::select! {
+            conn = listener.accept() => {
+                let Ok((stream, _)) = conn else { continue };
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| handle(engine.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+            () = engine.stopped() => break,
+        }
+    }
+    remove_socket(&socket);
+}
+
+fn remove_socket(socket: &Path) {
+    let _ = std::fs::remove_file(socket);
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+async fn handle(
+    engine: Arc<Engine>,
+    req: http::Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => Ok(Response::builder()
+            .header("content-type", "text/plain; version=0.0.4")
+            .body(full(engine.proxy().metrics_text()))
+            .expect("valid response")),
+        (&Method::POST, "/v1/action") => {
+            let body = match req.into_body().collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return Ok(error(StatusCode::BAD_REQUEST, e.to_string())),
+            };
+            let request: Request = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => return Ok(error(StatusCode::BAD_REQUEST, format!("bad request: {e}"))),
+            };
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(run(engine, request, tx));
+            Ok(Response::builder()
+                .header("content-type", "application/x-ndjson")
+                .body(BoxBody::new(Lines(rx)))
+                .expect("valid response"))
+        }
+        _ => Ok(error(StatusCode::NOT_FOUND, "no such endpoint".into())),
+    }
+}
+
+/// Runs one action, sending its replies.
+async fn run(engine: Arc<Engine>, request: Request, tx: Progress) {
+    let done = |r: Result<Reply, crate::rollout::Refusal>| match r {
+        Ok(reply) => reply,
+        Err(refusal) => Reply::Failed {
+            message: refusal.message,
+            code: refusal.code,
+        },
+    };
+    let failed = |e: EngineError| Reply::Failed {
+        message: e.to_string(),
+        code: exit::FAILED,
+    };
+    let last = match request {
+        Request::Plan { generation } => match engine.plan_for(&generation) {
+            Ok(plan) => Reply::Plan {
+                plan: Box::new(plan),
+                generation: engine
+                    .store()
+                    .active_generation()
+                    .ok()
+                    .flatten()
+                    .map(|g| g.number),
+            },
+            Err(e) => failed(e),
+        },
+        Request::Apply {
+            generation,
+            secrets,
+            message,
+            wait,
+        } => done(engine.apply(*generation, secrets, message, wait, &tx).await),
+        Request::Rollback { to, wait } => done(engine.rollback(to, wait, &tx).await),
+        Request::Status => match engine.status().await {
+            Ok(status) => Reply::Status {
+                status: Box::new(status),
+            },
+            Err(e) => failed(e),
+        },
+        Request::Verify => {
+            let findings = engine.check_drift(false).await;
+            let drifted = !findings.is_empty();
+            let _ = tx.send(Reply::Drift { findings });
+            if drifted {
+                Reply::Failed {
+                    message: "drift found".into(),
+                    code: exit::DRIFT,
+                }
+            } else {
+                Reply::Done {
+                    message: "No drift: every instance is as declared.".into(),
+                    generation: None,
+                }
+            }
+        }
+        Request::Events { follow, since } => {
+            // Subscribe before reading the history, so nothing falls between.
+            let mut live = engine.subscribe_events();
+            let filter = kiln_state::EventFilter {
+                since_seq: since,
+                ..Default::default()
+            };
+            let mut last_seq = since.unwrap_or(0);
+            match engine.store().list_events(&filter) {
+                Ok(events) => {
+                    for e in events {
+                        last_seq = e.seq;
+                        if tx.send(Reply::Event { event: e.into() }).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(failed(e.into()));
+                    return;
+                }
+            }
+            if !follow {
+                Reply::Done {
+                    message: String::new(),
+                    generation: None,
+                }
+            } else {
+                loop {
+                    tokio::select! {
+                        got = live.recv() => match got {
+                            Ok(mut e) if e.seq > last_seq => {
+                                last_seq = e.seq;
+                                if e.at.is_empty() {
+                                    e.at = now_text();
+                                }
+                                if tx.send(Reply::Event { event: e }).is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(_) => return,
+                        },
+                        () = tx.closed() => return,
+                        () = engine.stopped() => return,
+                    }
+                }
+            }
+        }
+        Request::Logs {
+            service,
+            follow,
+            tail,
+        } => match logs(&engine, &service, follow, tail, &tx).await {
+            Ok(()) => Reply::Done {
+                message: String::new(),
+                generation: None,
+            },
+            Err(message) => Reply::Failed {
+                message,
+                code: exit::USAGE,
+            },
+        },
+        Request::Down => {
+            engine.stop(true).await;
+            Reply::Done {
+                message: "Every instance stopped; the daemon exits.".into(),
+                generation: None,
+            }
+        }
+    };
+    let _ = tx.send(last);
+}
+
+async fn logs(
+    engine: &Arc<Engine>,
+    service: &str,
+    follow: bool,
+    tail: u64,
+    tx: &Progress,
+) -> Result<(), String> {
+    let ids = engine.instances_of(service).map_err(|e| e.to_string())?;
+    let declared = engine
+        .status()
+        .await
+        .map(|s| s.services.iter().any(|x| x.name == service))
+        .unwrap_or(false);
+    if ids.is_empty() && !declared {
+        return Err(format!(
+            "no service `{service}` runs here\n  hint: `kiln status` lists the services"
+        ));
+    }
+    let mut offsets = Vec::new();
+    for id in &ids {
+        let (out, err) = engine.logs(id, tail).await.unwrap_or_default();
+        for (stream, bytes) in [("stdout", out), ("stderr", err)] {
+            if !bytes.is_empty() {
+                let _ = tx.send(Reply::Log {
+                    instance: id.clone(),
+                    stream: stream.into(),
+                    text: String::from_utf8_lossy(&bytes).into_owned(),
+                });
+            }
+            let path = engine.log_dir(id).join(format!("{stream}.log"));
+            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            offsets.push((id.clone(), stream, path, len));
+        }
+    }
+    if !follow {
+        return Ok(());
+    }
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            () = tx.closed() => return Ok(()),
+        }
+        // New instances of the service join the stream.
+        if let Ok(now) = engine.instances_of(service) {
+            for id in now {
+                if offsets.iter().all(|(i, ..)| i != &id) {
+                    for stream in ["stdout", "stderr"] {
+                        let path = engine.log_dir(&id).join(format!("{stream}.log"));
+                        offsets.push((id.clone(), stream, path, 0));
+                    }
+                }
+            }
+        }
+        for (id, stream, path, offset) in &mut offsets {
+            let Ok(mut file) = std::fs::File::open(&*path) else {
+                continue;
+            };
+            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            if len < *offset {
+                *offset = 0; // rotated
+            }
+            if len == *offset {
+                continue;
+            }
+            let mut buf = Vec::new();
+            if file.seek(SeekFrom::Start(*offset)).is_ok()
+                && file.take(1 << 20).read_to_end(&mut buf).is_ok()
+            {
+                *offset += buf.len() as u64;
+                let _ = tx.send(Reply::Log {
+                    instance: id.clone(),
+                    stream: (*stream).into(),
+                    text: String::from_utf8_lossy(&buf).into_owned(),
+                });
+            }
+        }
+    }
+}
+
+fn now_text() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    kiln_image::config::rfc3339(now.as_secs())
+}
+
+fn full(text: String) -> Body {
+    BoxBody::new(Full::new(Bytes::from(text)))
+}
+
+fn error(status: StatusCode, message: String) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .body(full(message))
+        .expect("valid response")
+}
+
+/// The replies of an action as an HTTP body, one JSON line each.
+struct Lines(mpsc::UnboundedReceiver<Reply>);
+
+impl http_body::Body for Lines {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.0.poll_recv(cx) {
+            Poll::Ready(Some(reply)) => {
+                let mut line = serde_json::to_vec(&reply).expect("replies serialise");
+                line.push(b'\n');
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from(line)))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}

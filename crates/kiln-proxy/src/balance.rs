@@ -1,0 +1,274 @@
+//! Backend sets and how a request picks one of them.
+//!
+//! A set is immutable once built; `set_backends` builds a new one and swaps
+//! it in. Round-robin is nginx's smooth weighted algorithm, computed once per
+//! set into a sequence of picks, so the request path is one `fetch_add`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::{Backend, LoadBalance};
+use crate::http::UpBody;
+use crate::stats::{BackendCounters, Gauge};
+
+/// Longest precomputed round-robin sequence; larger weight sums are scaled
+/// down (keeping every positive weight at least 1).
+const MAX_SEQUENCE: u64 = 1 << 14;
+/// Connect timeout to a backend (a refused connection fails at once; this
+/// bounds a black-holed one, which is then retried on another backend).
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Idle pooled connections are dropped after this, below common backend
+/// keep-alive timeouts (Node's is 5 s), so the proxy rarely sends on a
+/// connection the backend is closing.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+pub(crate) type HttpClient = Client<HttpConnector, UpBody>;
+
+/// The keep-alive pool to one backend address. Each backend has its own, so
+/// when a removed backend's last request ends the pool is dropped and its
+/// idle connections close.
+#[derive(Debug, Default)]
+pub(crate) struct ClientCell(OnceLock<HttpClient>);
+
+impl ClientCell {
+    pub(crate) fn get(&self) -> &HttpClient {
+        self.0.get_or_init(|| {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                .pool_timer(TokioTimer::new())
+                .build(connector)
+        })
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub(crate) backend: Backend,
+    pub(crate) client: Arc<ClientCell>,
+    pub(crate) counters: Arc<BackendCounters>,
+    pub(crate) gauge: Arc<Gauge>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct BackendSet {
+    pub(crate) entries: Vec<Entry>,
+    /// Indices of entries with weight > 0.
+    live: Vec<usize>,
+    /// Smooth weighted round-robin order, as indices into `entries`.
+    sequence: Vec<usize>,
+    next: AtomicUsize,
+}
+
+impl BackendSet {
+    /// `start` continues the round-robin position of the set this one
+    /// replaces, so frequent swaps do not favour the head of the sequence.
+    pub(crate) fn new(entries: Vec<Entry>, start: usize) -> BackendSet {
+        let live: Vec<usize> = (0..entries.len())
+            .filter(|&i| entries[i].backend.weight > 0)
+            .collect();
+        let weights: Vec<u64> = live
+            .iter()
+            .map(|&i| u64::from(entries[i].backend.weight))
+            .collect();
+        let sequence = smooth_sequence(&weights)
+            .into_iter()
+            .map(|k| live[k])
+            .collect();
+        BackendSet {
+            entries,
+            live,
+            sequence,
+            next: AtomicUsize::new(start),
+        }
+    }
+
+    pub(crate) fn position(&self) -> usize {
+        self.next.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    /// Whether every backend with weight > 0 is in `tried`.
+    pub(crate) fn exhausted(&self, tried: &[usize]) -> bool {
+        self.live.iter().all(|i| tried.contains(i))
+    }
+
+    /// Picks a backend with weight > 0 that is not in `tried`.
+    pub(crate) fn pick(&self, lb: LoadBalance, tried: &[usize]) -> Option<usize> {
+        if self.exhausted(tried) {
+            return None;
+        }
+        match lb {
+            LoadBalance::RoundRobin => {
+                let n = self.sequence.len();
+                for _ in 0..n {
+                    let i = self.sequence[self.next.fetch_add(1, Ordering::Relaxed) % n];
+                    if !tried.contains(&i) {
+                        return Some(i);
+                    }
+                }
+                self.live.iter().copied().find(|i| !tried.contains(i))
+            }
+            LoadBalance::LeastRequests => {
+                // Rotate the starting point so ties spread.
+                let n = self.live.len();
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                let mut best: Option<(usize, u64, u64)> = None;
+                for k in 0..n {
+                    let i = self.live[(start + k) % n];
+                    if tried.contains(&i) {
+                        continue;
+                    }
+                    let load = self.entries[i].gauge.get() as u64;
+                    let weight = u64::from(self.entries[i].backend.weight);
+                    // load / weight < best_load / best_weight, without division.
+                    let better = match best {
+                        None => true,
+                        Some((_, bl, bw)) => {
+                            u128::from(load) * u128::from(bw) < u128::from(bl) * u128::from(weight)
+                        }
+                    };
+                    if better {
+                        best = Some((i, load, weight));
+                    }
+                }
+                best.map(|(i, _, _)| i)
+            }
+        }
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// nginx's smooth weighted round-robin, unrolled: positions into `weights`
+/// (all > 0) in the order the algorithm picks them over one full cycle.
+fn smooth_sequence(weights: &[u64]) -> Vec<usize> {
+    if weights.is_empty() {
+        return Vec::new();
+    }
+    let g = weights.iter().copied().fold(0, gcd).max(1);
+    let mut w: Vec<u64> = weights.iter().map(|x| x / g).collect();
+    let mut total: u64 = w.iter().sum();
+    if total > MAX_SEQUENCE {
+        for x in &mut w {
+            *x = (*x * MAX_SEQUENCE / total).max(1);
+        }
+        total = w.iter().sum();
+    }
+    let total_i = i64::try_from(total).unwrap_or(i64::MAX);
+    let mut current = vec![0i64; w.len()];
+    let mut out = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    for _ in 0..total {
+        let mut best = 0;
+        for i in 0..w.len() {
+            current[i] += i64::try_from(w[i]).unwrap_or(i64::MAX);
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total_i;
+        out.push(best);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smooth_sequence_matches_nginx() {
+        // nginx's documented example: weights 5, 1, 1 → a a b a c a a.
+        assert_eq!(smooth_sequence(&[5, 1, 1]), vec![0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(smooth_sequence(&[1, 3]), vec![1, 0, 1, 1]);
+    }
+
+    #[test]
+    fn each_backend_appears_as_often_as_its_reduced_weight() {
+        for weights in [
+            vec![1u64],
+            vec![3, 1],
+            vec![9990, 10],
+            vec![3333, 3333, 3334],
+            vec![7, 11, 13, 17],
+            vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+        ] {
+            let seq = smooth_sequence(&weights);
+            let g = weights.iter().copied().fold(0, gcd);
+            for (i, w) in weights.iter().enumerate() {
+                let n = seq.iter().filter(|&&k| k == i).count() as u64;
+                assert_eq!(n, w / g, "{weights:?}");
+            }
+            // Smooth: a backend's picks are spread, never bunched beyond
+            // its share (at most ceil(w/total * window) in any window).
+            let total = seq.len() as u64;
+            for (i, w) in weights.iter().enumerate() {
+                let w = w / g;
+                let max_run = seq
+                    .chunk_by(|a, b| a == b)
+                    .filter(|run| run[0] == i)
+                    .map(|run| run.len() as u64)
+                    .max()
+                    .unwrap_or(0);
+                assert!(max_run <= w.div_ceil(total - w + 1), "{weights:?}: {seq:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn weights_reduce_by_gcd_and_scale() {
+        assert_eq!(smooth_sequence(&[2500, 7500]).len(), 4);
+        let seq = smooth_sequence(&[u64::from(u32::MAX), 1]);
+        assert!(seq.len() as u64 <= MAX_SEQUENCE + 1);
+        assert!(seq.contains(&1));
+        assert!(smooth_sequence(&[]).is_empty());
+    }
+
+    fn set(weights: &[u32]) -> BackendSet {
+        let entries = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| Entry {
+                backend: Backend::new(format!("b{i}"), "127.0.0.1:1".parse().unwrap(), w),
+                client: Arc::default(),
+                counters: Arc::default(),
+                gauge: Arc::default(),
+            })
+            .collect();
+        BackendSet::new(entries, 0)
+    }
+
+    #[test]
+    fn pick_skips_zero_weight_and_tried() {
+        let s = set(&[0, 1, 1]);
+        for _ in 0..10 {
+            assert_ne!(s.pick(LoadBalance::RoundRobin, &[]), Some(0));
+            assert_eq!(s.pick(LoadBalance::RoundRobin, &[1]), Some(2));
+            assert_eq!(s.pick(LoadBalance::LeastRequests, &[2]), Some(1));
+        }
+        assert_eq!(s.pick(LoadBalance::RoundRobin, &[1, 2]), None);
+        assert!(set(&[0, 0]).is_empty());
+        assert_eq!(set(&[]).pick(LoadBalance::LeastRequests, &[]), None);
+    }
+
+    #[test]
+    fn least_requests_prefers_idle() {
+        let s = set(&[1, 1]);
+        let _busy = crate::stats::InFlightGuard::new(s.entries[0].gauge.clone());
+        for _ in 0..5 {
+            assert_eq!(s.pick(LoadBalance::LeastRequests, &[]), Some(1));
+        }
+    }
+}

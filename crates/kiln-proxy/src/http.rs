@@ -1,0 +1,542 @@
+//! HTTP routes: a hyper server per client connection (HTTP/1.1 or h2c),
+//! forwarding each request to a backend over a keep-alive pool.
+
+use std::convert::Infallible;
+use std::error::Error as _;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::balance::BackendSet;
+use crate::route::{ConnGuard, RouteShared};
+use crate::stats::{BackendCounters, CLASS_4XX, CLASS_5XX, InFlightGuard, class_of};
+
+/// Slowloris bound: a request head must arrive within this time.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A new connection must send its first request within this time (covers
+/// the HTTP/1-or-h2 detection, which has no timeout of its own).
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head (HTTP/1 read buffer; h2 header list).
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Header with the id of the backend that answered.
+pub const BACKEND_HEADER: &str = "x-kiln-backend";
+
+/// Serves one accepted client connection until it closes, or until `stop`
+/// asks for a graceful shutdown (in-flight requests finish first).
+pub(crate) async fn serve(
+    route: Arc<RouteShared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+    conn: ConnGuard,
+) {
+    let over_limit = conn.over_limit;
+    let _ = stream.set_nodelay(true);
+    let seen_request = Arc::new(AtomicBool::new(false));
+    let seen = seen_request.clone();
+    let service = service_fn(move |req| {
+        seen.store(true, Ordering::Relaxed);
+        let route = route.clone();
+        async move { Ok::<_, Infallible>(handle(&route, req, peer, over_limit).await) }
+    });
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .keep_alive(!over_limit);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let first_request = tokio::time::sleep(FIRST_REQUEST_TIMEOUT);
+    tokio::pin!(first_request);
+    let mut shutting_down = false;
+    loop {
+        tokio::select! {
+            _ = connection.as_mut() => break,
+            _ = stop.wait_for(|stopped| *stopped), if !shutting_down => {
+                connection.as_mut().graceful_shutdown();
+                shutting_down = true;
+            }
+            _ = &mut first_request, if !shutting_down && !seen_request.load(Ordering::Relaxed) => {
+                connection.as_mut().graceful_shutdown();
+                shutting_down = true;
+            }
+        }
+    }
+    drop(conn);
+}
+
+/// The body sent upstream. A request body is given to one attempt only; if
+/// the attempt fails before the body was touched (connect errors), the body
+/// is still in its slot and the next attempt takes it.
+#[derive(Debug)]
+pub(crate) enum UpBody {
+    Empty,
+    Slot {
+        slot: Arc<Mutex<Option<Incoming>>>,
+        taken: Option<Incoming>,
+        hint: SizeHint,
+    },
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpBody::Empty => Poll::Ready(None),
+            UpBody::Slot { slot, taken, .. } => {
+                if taken.is_none() {
+                    *taken = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                }
+                match taken {
+                    Some(body) => Pin::new(body).poll_frame(cx),
+                    None => Poll::Ready(None),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Empty => true,
+            UpBody::Slot { taken, .. } => taken.as_ref().is_some_and(|b| b.is_end_stream()),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::Empty => SizeHint::with_exact(0),
+            UpBody::Slot { hint, .. } => *hint,
+        }
+    }
+}
+
+/// The body sent to the client: the proxy's own small answers, or the
+/// backend's body streamed through while holding the in-flight guard.
+#[derive(Debug)]
+pub(crate) enum ProxyBody {
+    Full(Option<Bytes>),
+    Upstream {
+        inner: Incoming,
+        _done: ResponseDone,
+    },
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBody::Upstream { inner, .. } => Pin::new(inner).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(data) => data.is_none(),
+            ProxyBody::Upstream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ProxyBody::Upstream { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+/// Dropped when the response body is fully sent or the client went away:
+/// ends the request's in-flight count and records its duration.
+#[derive(Debug)]
+pub(crate) struct ResponseDone {
+    _in_flight: InFlightGuard,
+    counters: Arc<BackendCounters>,
+    started: Instant,
+}
+
+impl Drop for ResponseDone {
+    fn drop(&mut self) {
+        self.counters.duration.observe(self.started.elapsed());
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+fn local_response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
+    retry_after: Option<u32>,
+) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::Full(Some(Bytes::from(body))));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(secs) = retry_after {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
+}
+
+fn text(status: StatusCode, message: String, retry_after: Option<u32>) -> Response<ProxyBody> {
+    local_response(
+        status,
+        "text/plain; charset=utf-8",
+        format!("{message}\n"),
+        retry_after,
+    )
+}
+
+fn maintenance_page(route: &str) -> Response<ProxyBody> {
+    let route = route
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;");
+    let page = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>Down for maintenance</title></head>\n\
+         <body><h1>Down for maintenance</h1><p>{route} is being updated. Please try again in a moment.</p></body></html>\n"
+    );
+    local_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "text/html; charset=utf-8",
+        page,
+        Some(30),
+    )
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// The backend closed or reset the connection (often an idle pooled one it
+/// had just timed out) before any byte of the response: hyper's incomplete
+/// message, a canceled request, or a reset/aborted socket. The request
+/// future failing means no response head reached the proxy.
+fn closed_before_response(error: &hyper_util::client::legacy::Error) -> bool {
+    use std::io::ErrorKind;
+    let mut source = error.source();
+    while let Some(e) = source {
+        if let Some(h) = e.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_canceled())
+        {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::BrokenPipe
+                    | ErrorKind::UnexpectedEof
+            )
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+fn cause(error: &hyper_util::client::legacy::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}
+
+fn forwarded_headers(parts: &http::request::Parts, peer: SocketAddr) -> HeaderMap {
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    if !headers.contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(authority.as_str())
+    {
+        headers.insert(header::HOST, v);
+    }
+    let previous: Vec<String> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .collect();
+    let mut xff = previous.join(", ");
+    if !xff.is_empty() {
+        xff.push_str(", ");
+    }
+    xff.push_str(&peer.ip().to_string());
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers
+}
+
+async fn handle(
+    route: &RouteShared,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    over_limit: bool,
+) -> Response<ProxyBody> {
+    let config = route.config.load_full();
+    let name = &route.name;
+    if over_limit {
+        route.counters.record_local(CLASS_5XX);
+        let mut response = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "kiln: route {name} is at its connection limit ({})",
+                config.max_connections
+            ),
+            Some(1),
+        );
+        if req.version() < Version::HTTP_2 {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        return response;
+    }
+    if config.maintenance {
+        route.counters.record_local(CLASS_5XX);
+        return maintenance_page(name);
+    }
+    let set: Arc<BackendSet> = route.backends.load_full();
+    if set.is_empty() {
+        route.counters.record_local(CLASS_5XX);
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("kiln: route {name} has no healthy instance"),
+            Some(1),
+        );
+    }
+
+    let (parts, body) = req.into_parts();
+    let body_empty = body.is_end_stream();
+    let hint = body.size_hint();
+    let slot = Arc::new(Mutex::new(Some(body)));
+    let headers = forwarded_headers(&parts, peer);
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let retry_closed = is_idempotent(&parts.method) && body_empty;
+    let deadline = tokio::time::Instant::now() + config.request_timeout;
+
+    let mut tried: Vec<usize> = Vec::new();
+    let mut retried_same = false;
+    let mut failure: Option<String> = None;
+    while let Some(i) = set.pick(config.load_balance, &tried) {
+        tried.push(i);
+        let entry = &set.entries[i];
+        let in_flight = InFlightGuard::new(entry.gauge.clone());
+        let started = Instant::now();
+        let uri: Uri = match format!("http://{}{}", entry.backend.addr, path).parse() {
+            Ok(uri) => uri,
+            Err(_) => {
+                route.counters.record_local(CLASS_4XX);
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("kiln: route {name}: the request target is not valid"),
+                    None,
+                );
+            }
+        };
+        let up_body = if body_empty {
+            UpBody::Empty
+        } else {
+            UpBody::Slot {
+                slot: slot.clone(),
+                taken: None,
+                hint,
+            }
+        };
+        let mut upstream = Request::new(up_body);
+        *upstream.method_mut() = parts.method.clone();
+        *upstream.uri_mut() = uri;
+        *upstream.version_mut() = Version::HTTP_11;
+        *upstream.headers_mut() = headers.clone();
+
+        let attempt = entry.client.get().request(upstream);
+        match tokio::time::timeout_at(deadline, attempt).await {
+            Ok(Ok(response)) => {
+                let class = class_of(response.status().as_u16());
+                entry.counters.record(class);
+                route.counters.record(class);
+                let (mut rparts, rbody) = response.into_parts();
+                strip_hop_by_hop(&mut rparts.headers);
+                if let Ok(v) = HeaderValue::from_str(&entry.backend.id) {
+                    rparts.headers.insert(BACKEND_HEADER, v);
+                }
+                let done = ResponseDone {
+                    _in_flight: in_flight,
+                    counters: entry.counters.clone(),
+                    started,
+                };
+                return Response::from_parts(
+                    rparts,
+                    ProxyBody::Upstream {
+                        inner: rbody,
+                        _done: done,
+                    },
+                );
+            }
+            Ok(Err(error)) => {
+                let id = &entry.backend.id;
+                let body_unsent =
+                    body_empty || slot.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+                if error.is_connect() {
+                    entry
+                        .counters
+                        .connect_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    route
+                        .counters
+                        .connect_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    failure = Some(format!("instance {id}: {}", cause(&error)));
+                    if body_unsent {
+                        continue;
+                    }
+                    break;
+                }
+                entry.counters.record(CLASS_5XX);
+                failure = Some(format!("instance {id}: {}", cause(&error)));
+                if retry_closed && closed_before_response(&error) {
+                    // Most likely a pooled connection the backend was closing:
+                    // with no other backend left, try this one once more (on
+                    // a fresh connection, as the pool dropped the dead one).
+                    if !retried_same && set.exhausted(&tried) {
+                        retried_same = true;
+                        tried.retain(|&t| t != i);
+                    }
+                    continue;
+                }
+                break;
+            }
+            Err(_elapsed) => {
+                entry.counters.record(CLASS_5XX);
+                route.counters.record(CLASS_5XX);
+                let mut response = text(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "kiln: route {name}: instance {} did not answer within {:?}",
+                        entry.backend.id, config.request_timeout
+                    ),
+                    None,
+                );
+                if let Ok(v) = HeaderValue::from_str(&entry.backend.id) {
+                    response.headers_mut().insert(BACKEND_HEADER, v);
+                }
+                return response;
+            }
+        }
+    }
+    route.counters.record(CLASS_5XX);
+    let why = failure.unwrap_or_else(|| "no instance could be reached".to_owned());
+    text(
+        StatusCode::BAD_GATEWAY,
+        format!("kiln: route {name}: bad gateway ({why})"),
+        None,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn forwarded_for_appends_peer() {
+        let req = Request::builder()
+            .uri("/x")
+            .header("host", "example.test")
+            .header("x-forwarded-for", "10.0.0.1")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let h = forwarded_headers(&parts, "192.0.2.7:5555".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["host"], "example.test");
+    }
+}

@@ -1,0 +1,386 @@
+//! kiln's built-in reverse proxy: the engine switches traffic between
+//! instances during rollouts through it, without losing a request.
+//!
+//! # Shape
+//!
+//! A [`Proxy`] holds named routes. Each route listens on one address and is
+//! either HTTP (HTTP/1.1 and h2c from clients, HTTP/1.1 with a keep-alive
+//! pool to backends) or TCP (each client connection piped to one backend).
+//! Everything runs on tokio; nothing blocks.
+//!
+//! # Swap
+//!
+//! A route's backend set is an immutable [`Backend`] list behind an
+//! `ArcSwap`. [`Proxy::set_backends`] builds a new set and stores it in one
+//! atomic step: a request loads the set once, picks from it, and never sees
+//! a half-updated set. The request path takes no lock: it loads `ArcSwap`s
+//! and bumps atomics. Round-robin is nginx's smooth weighted algorithm,
+//! unrolled into a sequence when the set is built, so a pick is one
+//! `fetch_add`; least-requests ([`LoadBalance::LeastRequests`]) compares the
+//! backends' in-flight counts relative to their weights. Weight 0 receives
+//! no new requests. Changing a route's settings with the same `listen`
+//! swaps its [`RouteConfig`] the same way (the socket is kept); a new
+//! `listen` binds the new socket first, then retires the old one.
+//!
+//! # Drain
+//!
+//! Every backend id has one in-flight gauge shared across routes. An HTTP
+//! request counts from the moment a backend is picked until its response
+//! body has been sent to the client (or the client went away): the guard
+//! lives inside the response body. A TCP connection counts until both
+//! directions are closed. Once `set_backends` has removed a backend, no new
+//! request picks it, and [`Proxy::drain`] waits (on a `Notify`, not by
+//! polling) until its gauge is zero. Each backend has its own connection
+//! pool, dropped with the last request that uses it, so idle keep-alive
+//! connections to a removed backend close and are never reused.
+//!
+//! # Retry
+//!
+//! Within the route's `request_timeout` (which bounds waiting for the
+//! response head, all attempts included; bodies stream without a limit):
+//!
+//! - a failed connect (refused, reset or timed out before any byte of the
+//!   request was written) is retried on another backend, for any method:
+//!   nothing was sent;
+//! - a backend that closed or reset the connection before any byte of the
+//!   response (typically an idle pooled connection it just timed out) is
+//!   retried on another backend for idempotent methods (GET, HEAD, OPTIONS,
+//!   PUT, DELETE, TRACE) with an empty body only; when no other backend is
+//!   left, the same backend is tried once more (on a fresh connection);
+//! - each backend of the set is tried at most once; when all fail the
+//!   client gets 502, and a timeout gives 504.
+//!
+//! # Limits
+//!
+//! - A client's request head must arrive within 10 s and fit in 64 KiB:
+//!   a stalled head (slowloris) gets 408 or a closed connection, an
+//!   oversized one 431, a malformed one 400; none of them affects other
+//!   clients. The same 10 s closes client keep-alive connections left idle,
+//!   and a new connection must send its first request within 10 s (this also
+//!   bounds the HTTP/1-or-h2 detection, which has no timeout of its own).
+//! - Each route serves at most `max_connections` concurrent client
+//!   connections; beyond, HTTP connections get one 503 and are closed, TCP
+//!   connections are closed at once.
+//! - Idle pooled connections to backends are dropped after 4 s, below
+//!   common backend keep-alive timeouts, so the proxy rarely writes to a
+//!   connection the backend is closing.
+//!
+//! # Counters
+//!
+//! [`Proxy::stats`] and [`Proxy::metrics_text`] read atomics. A route's
+//! per-backend counters cover its current set plus removed backends still
+//! draining; the first `set_backends` after a removed backend has drained
+//! forgets them (route totals keep counting).
+//!
+//! # Not done here
+//!
+//! WebSocket and other `Upgrade`s are not proxied (`Upgrade` is a
+//! hop-by-hop header and is dropped); HTTP/2 to backends, TLS, and health
+//! checking (the engine decides the set) are not the proxy's job.
+
+mod balance;
+mod config;
+mod error;
+mod http;
+mod route;
+mod stats;
+mod tcp;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::balance::{BackendSet, ClientCell, Entry};
+use crate::route::{Listening, RouteShared};
+use crate::stats::{BackendCounters, Exposition, Gauge};
+
+pub use crate::config::{
+    Backend, DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT, LoadBalance, Protocol, RouteConfig,
+};
+pub use crate::error::ProxyError;
+pub use crate::http::BACKEND_HEADER;
+pub use crate::stats::{BackendStats, RouteStats};
+
+/// The outcome of [`Proxy::drain`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// Nothing is in flight on the backend any more.
+    Drained,
+    /// The timeout passed with this much still in flight.
+    TimedOut { remaining: usize },
+}
+
+/// The reverse proxy. Cheap to clone; every clone drives the same routes.
+/// Dropping the last clone stops every listener.
+#[derive(Clone, Debug, Default)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Route {
+    shared: Arc<RouteShared>,
+    listening: Listening,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    routes: Mutex<HashMap<String, Route>>,
+    /// In-flight gauges by backend id, across routes.
+    gauges: Mutex<HashMap<String, Arc<Gauge>>>,
+    /// Serialises configure/remove/shutdown (never taken by requests).
+    ops: tokio::sync::Mutex<()>,
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Proxy {
+    /// A proxy with no routes.
+    pub fn new() -> Proxy {
+        Proxy::default()
+    }
+
+    /// Binds `config.listen` (with SO_REUSEADDR) and serves route `name`.
+    ///
+    /// If the route exists with the same `listen`, only its settings change:
+    /// the socket is kept and no connection is dropped. With another
+    /// address, the new socket is bound first, then the old listener stops
+    /// accepting (its open connections finish).
+    pub async fn configure_route(&self, name: &str, config: RouteConfig) -> Result<(), ProxyError> {
+        let _ops = self.inner.ops.lock().await;
+        {
+            let routes = locked(&self.inner.routes);
+            if let Some(route) = routes.get(name)
+                && route.listening.configured == config.listen
+            {
+                route.shared.config.store(Arc::new(config));
+                return Ok(());
+            }
+        }
+        let listener = route::bind(name, config.listen)?;
+        let configured = config.listen;
+        self.install(name, config, listener, configured).await
+    }
+
+    /// Like [`Proxy::configure_route`], but serves on an already-bound
+    /// listener (socket handover, tests); the route's previous listener, if
+    /// any, is retired.
+    pub async fn configure_route_with_listener(
+        &self,
+        name: &str,
+        config: RouteConfig,
+        listener: std::net::TcpListener,
+    ) -> Result<(), ProxyError> {
+        let _ops = self.inner.ops.lock().await;
+        let err = |source| ProxyError::Listener {
+            route: name.to_owned(),
+            source,
+        };
+        listener.set_nonblocking(true).map_err(err)?;
+        let configured = listener.local_addr().map_err(err)?;
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(err)?;
+        self.install(name, config, listener, configured).await
+    }
+
+    async fn install(
+        &self,
+        name: &str,
+        config: RouteConfig,
+        listener: tokio::net::TcpListener,
+        configured: SocketAddr,
+    ) -> Result<(), ProxyError> {
+        let existing = locked(&self.inner.routes)
+            .get(name)
+            .map(|r| r.shared.clone());
+        let shared = match existing {
+            Some(shared) => {
+                shared.config.store(Arc::new(config));
+                shared
+            }
+            None => Arc::new(RouteShared::new(name, config)),
+        };
+        let listening = Listening::start(shared.clone(), listener, configured)?;
+        let old = locked(&self.inner.routes).insert(name.to_owned(), Route { shared, listening });
+        if let Some(old) = old {
+            old.listening.stop().await;
+        }
+        Ok(())
+    }
+
+    /// Stops accepting on the route (the socket is closed when this
+    /// returns); open connections and in-flight requests finish.
+    pub async fn remove_route(&self, name: &str) -> Result<(), ProxyError> {
+        let _ops = self.inner.ops.lock().await;
+        let route = locked(&self.inner.routes).remove(name);
+        match route {
+            Some(route) => {
+                route.listening.stop().await;
+                Ok(())
+            }
+            None => Err(ProxyError::NoSuchRoute(name.to_owned())),
+        }
+    }
+
+    /// Atomically replaces the route's backend set. Weights are relative;
+    /// weight 0 receives no new requests. With no backend of weight > 0, HTTP
+    /// answers 503 and TCP connections are closed.
+    pub fn set_backends(&self, route: &str, backends: Vec<Backend>) -> Result<(), ProxyError> {
+        let shared = locked(&self.inner.routes)
+            .get(route)
+            .map(|r| r.shared.clone())
+            .ok_or_else(|| ProxyError::NoSuchRoute(route.to_owned()))?;
+        let mut ids = HashSet::new();
+        for b in &backends {
+            if !ids.insert(b.id.as_str()) {
+                return Err(ProxyError::DuplicateBackend {
+                    route: route.to_owned(),
+                    id: b.id.clone(),
+                });
+            }
+        }
+
+        let _set = locked(&shared.set_lock);
+        let old_set = shared.backends.load_full();
+        let old_counters = shared.backend_counters.load_full();
+        let mut counters: HashMap<String, Arc<BackendCounters>> = HashMap::new();
+        let mut entries = Vec::with_capacity(backends.len());
+        {
+            let mut gauges = locked(&self.inner.gauges);
+            for backend in backends {
+                let client = old_set
+                    .entries
+                    .iter()
+                    .find(|e| e.backend.id == backend.id && e.backend.addr == backend.addr)
+                    .map_or_else(|| Arc::new(ClientCell::default()), |e| e.client.clone());
+                let c = old_counters.get(&backend.id).cloned().unwrap_or_default();
+                counters.insert(backend.id.clone(), c.clone());
+                let gauge = gauges.entry(backend.id.clone()).or_default().clone();
+                entries.push(Entry {
+                    backend,
+                    client,
+                    counters: c,
+                    gauge,
+                });
+            }
+            // Removed backends stay visible in stats while they drain.
+            for (id, c) in old_counters.iter() {
+                if !counters.contains_key(id) && gauges.get(id).is_some_and(|g| g.get() > 0) {
+                    counters.insert(id.clone(), c.clone());
+                }
+            }
+        }
+        shared
+            .backends
+            .store(Arc::new(BackendSet::new(entries, old_set.position())));
+        shared.backend_counters.store(Arc::new(counters));
+        drop(old_set);
+        // Forget gauges no set references and nothing holds.
+        locked(&self.inner.gauges).retain(|_, g| Arc::strong_count(g) > 1 || g.get() > 0);
+        Ok(())
+    }
+
+    /// The route's current backend set.
+    pub fn backends(&self, route: &str) -> Option<Vec<Backend>> {
+        let routes = locked(&self.inner.routes);
+        let set = routes.get(route)?.shared.backends.load();
+        Some(set.entries.iter().map(|e| e.backend.clone()).collect())
+    }
+
+    /// Every route and its settings, by name.
+    pub fn routes(&self) -> Vec<(String, RouteConfig)> {
+        let routes = locked(&self.inner.routes);
+        let mut out: Vec<_> = routes
+            .iter()
+            .map(|(name, r)| (name.clone(), RouteConfig::clone(&r.shared.config.load())))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// The address the route's socket is bound to (resolves port 0).
+    pub fn local_addr(&self, route: &str) -> Option<SocketAddr> {
+        locked(&self.inner.routes)
+            .get(route)
+            .map(|r| r.listening.local_addr)
+    }
+
+    /// HTTP requests in flight plus open TCP connections to this backend id,
+    /// across all routes.
+    pub fn in_flight(&self, backend_id: &str) -> usize {
+        locked(&self.inner.gauges)
+            .get(backend_id)
+            .map_or(0, |g| g.get())
+    }
+
+    /// Waits until nothing is in flight on `backend_id` or `timeout` passes.
+    /// Remove the backend from every route's set first, or new requests keep
+    /// arriving.
+    pub async fn drain(&self, backend_id: &str, timeout: Duration) -> DrainOutcome {
+        let Some(gauge) = locked(&self.inner.gauges).get(backend_id).cloned() else {
+            return DrainOutcome::Drained;
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = gauge.zero.notified();
+            tokio::pin!(notified);
+            // Register before checking, so a decrement in between is not missed.
+            notified.as_mut().enable();
+            if gauge.get() == 0 {
+                return DrainOutcome::Drained;
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return match gauge.get() {
+                        0 => DrainOutcome::Drained,
+                        remaining => DrainOutcome::TimedOut { remaining },
+                    };
+                }
+            }
+        }
+    }
+
+    /// The route's counters, for canary analysis.
+    pub fn stats(&self, route: &str) -> Option<RouteStats> {
+        let shared = locked(&self.inner.routes).get(route)?.shared.clone();
+        Some(stats::route_stats(
+            &shared.counters,
+            &shared.backend_counters.load(),
+        ))
+    }
+
+    /// Every counter in the Prometheus text exposition format.
+    pub fn metrics_text(&self) -> String {
+        let mut routes: Vec<Arc<RouteShared>> = locked(&self.inner.routes)
+            .values()
+            .map(|r| r.shared.clone())
+            .collect();
+        routes.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut out = Exposition::default();
+        for route in &routes {
+            let counters = route.backend_counters.load();
+            let sorted: BTreeMap<_, _> = counters.iter().collect();
+            out.route(&route.name, &route.counters, &sorted);
+        }
+        let gauges: BTreeMap<String, Arc<Gauge>> = locked(&self.inner.gauges)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (id, gauge) in &gauges {
+            out.in_flight(id, gauge);
+        }
+        out.finish()
+    }
+
+    /// Stops every route: listeners close; open connections finish.
+    pub async fn shutdown(&self) {
+        let _ops = self.inner.ops.lock().await;
+        let routes: Vec<Route> = locked(&self.inner.routes).drain().map(|(_, r)| r).collect();
+        for route in routes {
+            route.listening.stop().await;
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Leases: locks that record their owner and expire.
+//!
+//! A lease is held by whoever last acquired or renewed it before its expiry.
+//! Acquiring a lease that another holder renewed in time fails with
+//! [`LeaseHeld`], naming that holder; an expired lease is taken over. The
+//! holder proves itself with the `token` it chose, so a holder whose lease
+//! expired and was taken over cannot renew or release the new holder's.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{OptionalExtension, TransactionBehavior, params};
+use serde::Serialize;
+
+use crate::Store;
+use crate::error::{Result, db};
+
+/// Who holds a lease, and until when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LeaseHolder {
+    pub name: String,
+    pub owner: String,
+    /// RFC 3339, UTC, milliseconds.
+    pub acquired_at: String,
+    /// Milliseconds since the Unix epoch.
+    pub expires_ms: u64,
+}
+
+impl LeaseHolder {
+    /// How long until the lease expires (zero when it already has).
+    pub fn remaining(&self) -> Duration {
+        Duration::from_millis(self.expires_ms.saturating_sub(now_ms()))
+    }
+}
+
+/// The lease is held by someone else.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "`{}` is held by {} since {} (expires in {} s unless renewed)",
+    .0.name, .0.owner, .0.acquired_at, .0.remaining().as_secs()
+)]
+pub struct LeaseHeld(pub LeaseHolder);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn expiry(ttl: Duration) -> i64 {
+    let ms = now_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+impl Store {
+    /// Takes lease `name` for `ttl` if it is free, expired, or already held
+    /// with `token`; otherwise returns who holds it.
+    pub fn acquire_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<std::result::Result<(), LeaseHeld>> {
+        const OP: &str = "acquire lease";
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db(OP))?;
+        let current: Option<(LeaseHolder, String)> = tx
+            .query_row(
+                "SELECT name, owner, acquired_at, expires_ms, token FROM leases WHERE name = ?1",
+                params![name],
+                |row| {
+                    Ok((
+                        LeaseHolder {
+                            name: row.get(0)?,
+                            owner: row.get(1)?,
+                            acquired_at: row.get(2)?,
+                            expires_ms: row.get::<_, i64>(3)?.max(0) as u64,
+                        },
+                        row.get(4)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(db(OP))?;
+        if let Some((holder, held_token)) = current
+            && held_token != token
+            && holder.expires_ms > now_ms()
+        {
+            return Ok(Err(LeaseHeld(holder)));
+        }
+        tx.execute(
+            "INSERT INTO leases (name, owner, token, expires_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (name) DO UPDATE SET owner = ?2, token = ?3, expires_ms = ?4,
+                 acquired_at = CASE WHEN leases.token = ?3 THEN leases.acquired_at
+                                    ELSE strftime('%Y-%m-%dT%H:%M:%fZ', 'now') END",
+            params![name, owner, token, expiry(ttl)],
+        )
+        .map_err(db(OP))?;
+        tx.commit().map_err(db(OP))?;
+        Ok(Ok(()))
+    }
+
+    /// Extends lease `name` held with `token` by `ttl` from now. Returns
+    /// false when it is no longer held with that token (expired and taken).
+    pub fn renew_lease(&self, name: &str, token: &str, ttl: Duration) -> Result<bool> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE leases SET expires_ms = ?3 WHERE name = ?1 AND token = ?2",
+                params![name, token, expiry(ttl)],
+            )
+            .map_err(db("renew lease"))?;
+        Ok(n == 1)
+    }
+
+    /// Gives lease `name` up if held with `token`.
+    pub fn release_lease(&self, name: &str, token: &str) -> Result<()> {
+        self.conn()
+            .execute(
+                "DELETE FROM leases WHERE name = ?1 AND token = ?2",
+                params![name, token],
+            )
+            .map_err(db("release lease"))?;
+        Ok(())
+    }
+
+    /// The current holder of lease `name`, if it is held and not expired.
+    pub fn lease(&self, name: &str) -> Result<Option<LeaseHolder>> {
+        let holder = self
+            .conn()
+            .query_row(
+                "SELECT name, owner, acquired_at, expires_ms FROM leases WHERE name = ?1",
+                params![name],
+                |row| {
+                    Ok(LeaseHolder {
+                        name: row.get(0)?,
+                        owner: row.get(1)?,
+                        acquired_at: row.get(2)?,
+                        expires_ms: row.get::<_, i64>(3)?.max(0) as u64,
+                    })
+                },
+            )
+            .optional()
+            .map_err(db("read lease"))?;
+        Ok(holder.filter(|h| h.expires_ms > now_ms()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn second_holder_is_refused_and_named() {
+        let store = Store::open_in_memory().unwrap();
+        store
+            .acquire_lease("rollout", "kiln apply (pid 1)", "a", TTL)
+            .unwrap()
+            .unwrap();
+        let held = store
+            .acquire_lease("rollout", "kiln apply (pid 2)", "b", TTL)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(held.0.owner, "kiln apply (pid 1)");
+        assert!(
+            held.to_string().contains("held by kiln apply (pid 1)"),
+            "{held}"
+        );
+        // The holder itself may take it again (renewal by acquire).
+        store
+            .acquire_lease("rollout", "kiln apply (pid 1)", "a", TTL)
+            .unwrap()
+            .unwrap();
+    }
+
+    #[test]
+    fn expired_lease_is_taken_over_and_old_token_loses_it() {
+        let store = Store::open_in_memory().unwrap();
+        store
+            .acquire_lease("rollout", "dead", "a", Duration::ZERO)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            store.lease("rollout").unwrap(),
+            None,
+            "expired leases are not reported"
+        );
+        store
+            .acquire_lease("rollout", "alive", "b", TTL)
+            .unwrap()
+            .unwrap();
+        assert!(!store.renew_lease("rollout", "a", TTL).unwrap());
+        store.release_lease("rollout", "a").unwrap();
+        assert_eq!(store.lease("rollout").unwrap().unwrap().owner, "alive");
+        assert!(store.renew_lease("rollout", "b", TTL).unwrap());
+        store.release_lease("rollout", "b").unwrap();
+        assert_eq!(store.lease("rollout").unwrap(), None);
+    }
+}
