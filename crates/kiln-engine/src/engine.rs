@@ -328,9 +328,12 @@ impl Engine {
         f: impl FnOnce(&AnyDriver) -> T + Send + 'static,
     ) -> T {
         let driver = self.driver.clone();
-        tokio::task::spawn_blocking(move || f(&driver))
-            .await
-            .expect("driver calls do not panic")
+        match tokio::task::spawn_blocking(move || f(&driver)).await {
+            Ok(value) => value,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Cancelled: the runtime is shutting down; nobody awaits this.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Creates and starts instance `id` of `service` from `generation`.
@@ -410,7 +413,23 @@ impl Engine {
         };
         let pid = match info.state {
             InstanceState::Running { pid } => pid,
-            _ => None,
+            InstanceState::Exited { code, signal, .. } => {
+                // Dead on arrival: recorded as exited (the plan's next
+                // await fails with the reason; a heal replaces it).
+                self.set_status(id, InstanceStatus::Exited { code });
+                let how = signal.map_or_else(
+                    || format!("exited with code {}", code.unwrap_or(-1)),
+                    |s| format!("was killed by signal {s}"),
+                );
+                self.event(
+                    "instance.exited",
+                    format!("instance/{id}"),
+                    Some(number),
+                    format!("{id} {how} as soon as it started"),
+                );
+                None
+            }
+            InstanceState::Created => None,
         };
         self.live.lock().expect("live").insert(
             id.to_owned(),
@@ -421,7 +440,9 @@ impl Engine {
                 stopping: false,
             },
         );
-        self.watch(id, pid, generation.spec.services[service].health.as_ref());
+        if matches!(info.state, InstanceState::Running { .. }) {
+            self.watch(id, pid, generation.spec.services[service].health.as_ref());
+        }
         self.event(
             "instance.created",
             format!("instance/{id}"),
@@ -481,6 +502,8 @@ impl Engine {
     /// Waits for the instance's process to end (a pidfd when the driver
     /// reports a pid, else polling), then records the exit.
     async fn watch_exit(self: Arc<Self>, id: String, pid: Option<u32>) {
+        // The fake driver's pids are made up: never watch a host process.
+        let pid = pid.filter(|_| !matches!(*self.driver, AnyDriver::Fake(_)));
         let waited = match pid.and_then(pidfd) {
             // `new` is deprecated for fds the caller might close behind
             // tokio's back; this OwnedFd is moved in and owned by it.

@@ -67,23 +67,22 @@ impl Drop for Held<'_> {
 
 impl Engine {
     async fn hold(self: &Arc<Self>, what: &str, wait: bool) -> Result<Held<'_>, Refusal> {
-        let guard = if wait {
-            self.rollout.lock().await
-        } else {
-            match self.rollout.try_lock() {
-                Ok(g) => g,
-                Err(_) => {
-                    let holder = self.store.lease("rollout")?.map_or_else(
-                        || "the reconciler".to_owned(),
-                        |h| format!("{} since {}", h.owner, h.acquired_at),
-                    );
+        // A change that holds the lease is named and refused (unless
+        // `wait`); the reconciler's quick passes hold only the lock, so a
+        // change waits for them.
+        let guard = match self.rollout.try_lock() {
+            Ok(g) => g,
+            Err(_) => {
+                if !wait && let Some(holder) = self.store.lease("rollout")? {
                     return Err(Refusal::new(
                         exit::BUSY,
                         format!(
-                            "another change is in progress: {holder}\n  hint: wait for it (`kiln status`), or pass --wait to queue behind it"
+                            "another change is in progress: {} since {}\n  hint: wait for it (`kiln status`), or pass --wait to queue behind it",
+                            holder.owner, holder.acquired_at
                         ),
                     ));
                 }
+                self.rollout.lock().await
             }
         };
         let token = token();

@@ -71,6 +71,7 @@ struct Inner {
     fail_create: BTreeMap<String, String>,
     fail_start: BTreeMap<String, String>,
     exec_scripts: BTreeMap<String, ExecScript>,
+    default_exec: Option<ExecScript>,
     calls: Vec<String>,
     next_pid: u32,
 }
@@ -117,6 +118,11 @@ impl Fake {
     /// What `exec` in `id` answers from now on (default: exit 0).
     pub fn script_exec(&self, id: &str, script: ExecScript) {
         self.lock().exec_scripts.insert(id.to_string(), script);
+    }
+
+    /// What `exec` answers in every instance without its own script.
+    pub fn script_exec_all(&self, script: ExecScript) {
+        self.lock().default_exec = Some(script);
     }
 
     /// A running instance ends now: a crash, an exit, an OOM kill.
@@ -329,7 +335,7 @@ impl Driver for Fake {
         g.calls.push(format!("exec {id}"));
         let i = g.instances.get(id).ok_or_else(|| not_found(id))?;
         i.state.ensure_can_exec(id)?;
-        match g.exec_scripts.get(id).cloned() {
+        match g.exec_scripts.get(id).or(g.default_exec.as_ref()).cloned() {
             None => Ok(ExecOutput {
                 code: Some(0),
                 signal: None,

@@ -422,19 +422,20 @@ fn read_routes(
             );
         }
         let addr = listen.as_ref().and_then(|(text, span)| match text.parse::<SocketAddr>() {
-            Ok(a) if a.port() != 0 => Some((a, span.clone())),
+            Ok(a) => Some((a, span.clone())),
             _ => {
                 ctx.push(
                     Diagnostic::new(span.clone(), format!("`route.{name}.listen` is not an address with a port: `{text}`"))
                         .label("invalid listen address")
-                        .hint("write IP:PORT, like \"127.0.0.1:8080\" or \"[::1]:8443\" (port 1-65535)"),
+                        .hint("write IP:PORT, like \"127.0.0.1:8080\" or \"[::1]:8443\" (port 0 lets the system pick a free one)"),
                 );
                 None
             }
         });
         if let Some((a, span)) = &addr {
             let clash = listens.iter().find(|(b, _, _)| {
-                a.port() == b.port()
+                a.port() != 0
+                    && a.port() == b.port()
                     && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
             });
             if let Some((b, bspan, other)) = clash {

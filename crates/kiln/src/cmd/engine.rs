@@ -227,15 +227,20 @@ pub fn apply(
         // Nothing runs differently, but a new spec (e.g. only a health
         // policy changed) is still recorded as a generation.
     } else if !yes {
-        if !std::io::stdin().is_terminal() {
+        // A terminal is asked; piped input may answer `yes` too (like
+        // terraform), and no answer at all is refused with the way out.
+        let terminal = std::io::stdin().is_terminal();
+        if terminal {
+            print!("\nApply this plan? Only `yes` is accepted: ");
+            std::io::stdout().flush()?;
+        }
+        let mut answer = String::new();
+        let read = std::io::stdin().read_line(&mut answer)?;
+        if read == 0 && !terminal {
             bail!(
-                "refusing to apply without confirmation: stdin is not a terminal\n  hint: pass -y to apply without asking"
+                "refusing to apply without confirmation: no answer on stdin\n  hint: pass -y to apply without asking"
             );
         }
-        print!("\nApply this plan? Only `yes` is accepted: ");
-        std::io::stdout().flush()?;
-        let mut answer = String::new();
-        std::io::stdin().read_line(&mut answer)?;
         if answer.trim() != "yes" {
             println!("Apply cancelled.");
             return Ok(Outcome::Success);
