@@ -990,9 +990,25 @@ fn probe_for(check: &model::Health, ports: &BTreeMap<String, u16>) -> Result<Pro
             path: path.clone(),
         },
         model::HealthCheck::Tcp { port } => Probe::Tcp { addr: addr(port)? },
-        model::HealthCheck::Exec { command } => Probe::Exec {
-            argv: command.clone(),
-        },
+        model::HealthCheck::Exec { command } => {
+            // `${PORT}` and `${PORT_<NAME>}` are the instance's own ports.
+            let mut env = BTreeMap::new();
+            for (name, port) in ports {
+                env.insert(
+                    format!("PORT_{}", crate::instance::env_name(name)),
+                    port.to_string(),
+                );
+            }
+            if let Some(port) = crate::instance::main_port(ports) {
+                env.insert("PORT".to_owned(), port.to_string());
+            }
+            Probe::Exec {
+                argv: command
+                    .iter()
+                    .map(|a| crate::instance::expand(a, &env))
+                    .collect(),
+            }
+        }
     })
 }
 

@@ -84,6 +84,34 @@ impl Materials {
         Ok(())
     }
 
+    /// Rewrites the stored content of `digest` (found changed by a drift
+    /// check) from a project file that still has it; a replacement would
+    /// otherwise mount the same changed bytes again.
+    pub fn restore_file(&self, generation: &Generation, digest: &Digest) -> Result<(), String> {
+        let dest = self.files_dir().join(digest.hex());
+        for (source, d) in &generation.resolved.files {
+            if d != digest {
+                continue;
+            }
+            let path = self.project_dir.join(source);
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            if &Digest::of(&bytes) != digest {
+                continue;
+            }
+            let tmp = self.files_dir().join(format!(".{}.tmp", digest.hex()));
+            return std::fs::write(&tmp, &bytes)
+                .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, &dest))
+                .map_err(|e| format!("cannot restore {}: {e}", dest.display()));
+        }
+        Err(format!(
+            "no project file has the content {digest} any more, so {} cannot be restored\n  hint: apply a new generation",
+            dest.display()
+        ))
+    }
+
     /// Takes the secret values the CLI read (`env:` ones) and reads the
     /// `file:` ones, checking every value against its recorded digest.
     pub fn take_secrets(

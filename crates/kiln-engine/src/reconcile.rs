@@ -244,6 +244,25 @@ impl Engine {
                 continue;
             }
             let summary = found.join("; ");
+            if replace && let Some((_, generation)) = &active {
+                // Changed content in the file store would be mounted again
+                // by the replacement: put the declared bytes back first.
+                for (target, digest) in &spec.files {
+                    if found
+                        .iter()
+                        .any(|w| w.starts_with(&format!("file {target} ")))
+                    {
+                        if let Err(e) = self.materials.restore_file(generation, digest) {
+                            self.event(
+                                "drift.error",
+                                format!("instance/{}", rec.id),
+                                Some(rec.generation),
+                                e,
+                            );
+                        }
+                    }
+                }
+            }
             if replace {
                 self.event(
                     "drift.detected",
