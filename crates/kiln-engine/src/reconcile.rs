@@ -248,18 +248,16 @@ impl Engine {
                 // Changed content in the file store would be mounted again
                 // by the replacement: put the declared bytes back first.
                 for (target, digest) in &spec.files {
-                    if found
+                    let changed = found
                         .iter()
-                        .any(|w| w.starts_with(&format!("file {target} ")))
-                    {
-                        if let Err(e) = self.materials.restore_file(generation, digest) {
-                            self.event(
-                                "drift.error",
-                                format!("instance/{}", rec.id),
-                                Some(rec.generation),
-                                e,
-                            );
-                        }
+                        .any(|w| w.starts_with(&format!("file {target} ")));
+                    if changed && let Err(e) = self.materials.restore_file(generation, digest) {
+                        self.event(
+                            "drift.error",
+                            format!("instance/{}", rec.id),
+                            Some(rec.generation),
+                            e,
+                        );
                     }
                 }
             }
