@@ -58,6 +58,11 @@ pub enum Request {
     Verify,
     /// Stop every instance (volumes stay), then the daemon.
     Down,
+    /// Hand the proxy's listening sockets to the new daemon waiting on
+    /// `socket`, then stop (instances keep running): an upgrade.
+    Handover {
+        socket: std::path::PathBuf,
+    },
 }
 
 /// One line of an answer.

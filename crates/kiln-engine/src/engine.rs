@@ -39,6 +39,9 @@ pub struct EngineOptions {
     pub fake: Option<Arc<Fake>>,
     /// How often every instance is checked for drift.
     pub drift_interval: Duration,
+    /// Wait (up to 30 s) for the daemon lease instead of refusing: a new
+    /// daemon taking over from one that is handing over.
+    pub takeover: bool,
 }
 
 /// Where a reply of a running action goes (dropped replies are fine: the
@@ -84,6 +87,8 @@ pub struct Engine {
     /// This daemon's lease token.
     pub(crate) token: String,
     pub(crate) reconcile: Mutex<crate::reconcile::ReconcileState>,
+    /// Listening sockets handed over by the previous daemon, by route.
+    inherited: Mutex<BTreeMap<String, std::net::TcpListener>>,
 }
 
 /// How long leases last without renewal.
@@ -93,15 +98,33 @@ impl Engine {
     /// Opens the state, picks the driver, adopts what runs and starts the
     /// background tasks. Must run inside a multi-threaded tokio runtime.
     pub async fn start(opts: EngineOptions) -> Result<Arc<Engine>, EngineError> {
+        Engine::start_with(opts, BTreeMap::new()).await
+    }
+
+    /// [`Engine::start`] serving routes on sockets handed over by the
+    /// previous daemon (see `handover.rs`).
+    pub async fn start_with(
+        opts: EngineOptions,
+        inherited: BTreeMap<String, std::net::TcpListener>,
+    ) -> Result<Arc<Engine>, EngineError> {
         let store = Store::open(&opts.state_dir)?;
         let pid = std::process::id();
         let token = format!("{pid}-{}", nanos());
         let owner = format!("kiln daemon (pid {pid})");
-        if let Err(held) = store.acquire_lease("daemon", &owner, &token, LEASE_TTL)? {
-            return Err(EngineError::Busy(format!(
-                "another kiln daemon serves {}: {held}\n  hint: use that daemon (`kiln status`), or stop it first",
-                opts.state_dir.display()
-            )));
+        let patience = tokio::time::Instant::now()
+            + if opts.takeover {
+                Duration::from_secs(30)
+            } else {
+                Duration::ZERO
+            };
+        while let Err(held) = store.acquire_lease("daemon", &owner, &token, LEASE_TTL)? {
+            if tokio::time::Instant::now() >= patience {
+                return Err(EngineError::Busy(format!(
+                    "another kiln daemon serves {}: {held}\n  hint: use that daemon (`kiln status`), stop it first, or upgrade it with `kiln daemon --takeover`",
+                    opts.state_dir.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let (driver, driver_warning) = make_driver(&opts)?;
         let images = kiln_image::Store::open(&opts.image_store_dir)?;
@@ -123,6 +146,7 @@ impl Engine {
             shutdown: watch::channel(false).0,
             token,
             reconcile: Mutex::default(),
+            inherited: Mutex::new(inherited),
             opts,
         });
         if let Some(w) = &engine.driver_warning {
@@ -747,10 +771,29 @@ impl Engine {
             model::Protocol::Http => kiln_proxy::Protocol::Http,
             model::Protocol::Tcp => kiln_proxy::Protocol::Tcp,
         };
-        self.proxy
-            .configure_route(name, kiln_proxy::RouteConfig::new(listen, protocol))
-            .await
-            .map_err(|e| e.to_string())?;
+        let config = kiln_proxy::RouteConfig::new(listen, protocol);
+        let inherited = self
+            .inherited
+            .lock()
+            .expect("inherited")
+            .remove(name)
+            .filter(|l| {
+                l.local_addr().is_ok_and(|a| {
+                    a.ip() == listen.ip() && (listen.port() == 0 || a.port() == listen.port())
+                })
+            });
+        match inherited {
+            Some(listener) => self
+                .proxy
+                .configure_route_with_listener(name, config, listener)
+                .await
+                .map_err(|e| e.to_string())?,
+            None => self
+                .proxy
+                .configure_route(name, config)
+                .await
+                .map_err(|e| e.to_string())?,
+        }
         self.routes
             .lock()
             .expect("routes")

@@ -15,6 +15,7 @@ pub mod api;
 pub mod client;
 pub mod engine;
 pub mod failpoint;
+pub mod handover;
 pub mod health;
 pub mod images;
 pub mod instance;

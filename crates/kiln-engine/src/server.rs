@@ -30,29 +30,80 @@ pub async fn serve(opts: EngineOptions) -> Result<Arc<Engine>, EngineError> {
         what: format!("create {}", opts.state_dir.display()),
         source: e,
     })?;
+    let mut inherited = std::collections::BTreeMap::new();
     if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-        return Err(EngineError::Busy(format!(
-            "a kiln daemon already answers on {}\n  hint: `kiln status` talks to it; `kiln down` stops it",
-            socket.display()
-        )));
+        if !opts.takeover {
+            return Err(EngineError::Busy(format!(
+                "a kiln daemon already answers on {}\n  hint: `kiln status` talks to it; `kiln down` stops it; `kiln daemon --takeover` replaces it without dropping a connection",
+                socket.display()
+            )));
+        }
+        inherited = take_over(&opts.state_dir, &socket).await?;
     }
-    let engine = Engine::start(opts).await?;
+    let engine = Engine::start_with(opts, inherited).await?;
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket).map_err(|e| EngineError::Io {
         what: format!("listen on {}", socket.display()),
         source: e,
     })?;
+    let inode = std::fs::metadata(&socket)
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .ok();
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
         EngineError::Io {
             what: format!("restrict {}", socket.display()),
             source: e,
         }
     })?;
-    tokio::spawn(accept(listener, engine.clone(), socket));
+    tokio::spawn(accept(listener, engine.clone(), socket, inode));
     Ok(engine)
 }
 
-async fn accept(listener: UnixListener, engine: Arc<Engine>, socket: PathBuf) {
+/// Asks the daemon on `socket` for its listening sockets (see
+/// `handover.rs`).
+async fn take_over(
+    state_dir: &Path,
+    socket: &Path,
+) -> Result<std::collections::BTreeMap<String, std::net::TcpListener>, EngineError> {
+    let private = state_dir.join(format!("handover-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&private);
+    let io = |what: &str| {
+        let what = what.to_owned();
+        move |source| EngineError::Io { what, source }
+    };
+    let listener =
+        std::os::unix::net::UnixListener::bind(&private).map_err(io("bind the handover socket"))?;
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("restrict the handover socket"))?;
+    let client = crate::client::Client::new(socket);
+    let request = Request::Handover {
+        socket: private.clone(),
+    };
+    let asked = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        for reply in client.call(&request).map_err(|e| e.to_string())? {
+            if let Reply::Failed { message, .. } = reply.map_err(|e| e.to_string())? {
+                return Err(message);
+            }
+        }
+        Ok(())
+    });
+    let received = tokio::task::spawn_blocking(move || {
+        crate::handover::receive(&listener, Duration::from_secs(30))
+    })
+    .await
+    .expect("receiving does not panic");
+    let _ = std::fs::remove_file(&private);
+    let asked = asked.await.expect("asking does not panic");
+    match (received, asked) {
+        (Ok(listeners), _) => Ok(listeners),
+        (Err(e), asked) => Err(EngineError::Busy(format!(
+            "cannot take over from the running daemon: {e}{}",
+            asked.err().map(|w| format!(" ({w})")).unwrap_or_default()
+        ))),
+    }
+}
+
+async fn accept(listener: UnixListener, engine: Arc<Engine>, socket: PathBuf, inode: Option<u64>) {
     loop {
         tokio::select! {
             conn = listener.accept() => {
@@ -68,11 +119,14 @@ async fn accept(listener: UnixListener, engine: Arc<Engine>, socket: PathBuf) {
             () = engine.stopped() => break,
         }
     }
-    remove_socket(&socket);
-}
-
-fn remove_socket(socket: &Path) {
-    let _ = std::fs::remove_file(socket);
+    // Only if it is still ours: a daemon that took over may have bound a
+    // new socket at the same path already.
+    let ours = std::fs::metadata(&socket)
+        .map(|m| Some(std::os::unix::fs::MetadataExt::ino(&m)) == inode)
+        .unwrap_or(false);
+    if ours {
+        let _ = std::fs::remove_file(&socket);
+    }
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -225,6 +279,47 @@ async fn run(engine: Arc<Engine>, request: Request, tx: Progress) {
                 code: exit::USAGE,
             },
         },
+        Request::Handover { socket } => {
+            // No change may be in flight while the sockets move, and none
+            // may start after: the lock is held until this daemon stops.
+            let _guard = engine.rollout.lock().await;
+            let listeners: Vec<(String, std::net::TcpListener)> = engine
+                .proxy()
+                .routes()
+                .into_iter()
+                .filter_map(|(name, _)| {
+                    engine
+                        .proxy()
+                        .dup_listener(&name)
+                        .and_then(Result::ok)
+                        .map(|l| (name, l))
+                })
+                .collect();
+            let sent =
+                tokio::task::spawn_blocking(move || crate::handover::send(&socket, &listeners))
+                    .await
+                    .expect("sending does not panic");
+            match sent {
+                Ok(()) => {
+                    engine.proxy().stop_accepting();
+                    engine.event(
+                        "daemon.handover",
+                        "daemon",
+                        None,
+                        "listening sockets handed to a new daemon; this one stops (instances keep running)".into(),
+                    );
+                    engine.stop(false).await;
+                    Reply::Done {
+                        message: "Handed over.".into(),
+                        generation: None,
+                    }
+                }
+                Err(message) => Reply::Failed {
+                    message,
+                    code: exit::FAILED,
+                },
+            }
+        }
         Request::Down => {
             engine.stop(true).await;
             Reply::Done {

@@ -70,6 +70,7 @@ async fn setup(replicas: u32) -> Setup {
         driver: kiln_spec::model::Driver::Sandbox,
         fake: Some(fake.clone()),
         drift_interval: Duration::from_secs(3600),
+        takeover: false,
     };
     let engine = Engine::start(opts).await.unwrap();
     Setup {

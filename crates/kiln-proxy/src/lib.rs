@@ -210,6 +210,37 @@ impl Proxy {
         Ok(())
     }
 
+    /// A duplicate of the route's listening socket (same socket, same
+    /// accept queue), to hand to another process: connections it has not
+    /// accepted yet are accepted by whoever accepts next, so none is lost.
+    pub fn dup_listener(&self, route: &str) -> Option<std::io::Result<std::net::TcpListener>> {
+        let routes = locked(&self.inner.routes);
+        let listening = &routes.get(route)?.listening;
+        Some(listening.fd.try_clone().map(std::net::TcpListener::from))
+    }
+
+    /// Every route stops accepting (its listening socket stays open in
+    /// whoever holds a [`Proxy::dup_listener`] of it); open connections
+    /// finish their in-flight requests and close. For a handover.
+    pub fn stop_accepting(&self) {
+        for route in locked(&self.inner.routes).values() {
+            route.listening.halt();
+        }
+    }
+
+    /// Open client connections, over every route.
+    pub fn busy(&self) -> usize {
+        locked(&self.inner.routes)
+            .values()
+            .map(|r| {
+                r.shared
+                    .counters
+                    .connections
+                    .load(std::sync::atomic::Ordering::Acquire)
+            })
+            .sum()
+    }
+
     /// Stops accepting on the route (the socket is closed when this
     /// returns); open connections and in-flight requests finish.
     pub async fn remove_route(&self, name: &str) -> Result<(), ProxyError> {

@@ -74,6 +74,9 @@ pub(crate) struct Listening {
     /// unchanged `listen`.
     pub(crate) configured: SocketAddr,
     pub(crate) local_addr: SocketAddr,
+    /// A duplicate of the listening socket, for handing it to another
+    /// process (a kiln upgrade) while this one stops accepting.
+    pub(crate) fd: std::os::fd::OwnedFd,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -90,14 +93,28 @@ impl Listening {
                 route: route.name.clone(),
                 source,
             })?;
+        let fd = {
+            use std::os::fd::AsFd;
+            listener.as_fd().try_clone_to_owned()
+        }
+        .map_err(|source| ProxyError::Listener {
+            route: route.name.clone(),
+            source,
+        })?;
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(accept_loop(route, listener, stopped));
         Ok(Listening {
             configured,
             local_addr,
+            fd,
             stop,
             task,
         })
+    }
+
+    /// Stops accepting without waiting (open connections finish).
+    pub(crate) fn halt(&self) {
+        let _ = self.stop.send(true);
     }
 
     /// Stops accepting and waits until the socket is closed. Open HTTP

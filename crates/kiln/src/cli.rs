@@ -126,11 +126,14 @@ pub enum Command {
     },
     /// Run the engine as a daemon (HTTP API on .kiln/kiln.sock); SIGTERM leaves instances running
     #[command(
-        after_help = "See dist/kiln.service for a systemd unit.\n\nExamples:\n  kiln daemon\n  KILN_DRIFT_INTERVAL=2 kiln daemon examples/hello"
+        after_help = "See dist/kiln.service for a systemd unit.\n\nExamples:\n  kiln daemon\n  kiln daemon --takeover        # upgrade: the new binary takes the sockets over\n  KILN_DRIFT_INTERVAL=2 kiln daemon examples/hello"
     )]
     Daemon {
         #[command(flatten)]
         project: ProjectArg,
+        /// Replace the running daemon (an upgrade): take over its listening sockets, adopt its instances; no connection is dropped
+        #[arg(long)]
+        takeover: bool,
     },
     /// Services, instances, health, traffic and the driver
     #[command(after_help = "Examples:\n  kiln status\n  kiln status --json")]

@@ -21,7 +21,7 @@ use crate::output::print_json;
 /// (seconds) says otherwise.
 const DRIFT_INTERVAL: Duration = Duration::from_secs(10);
 
-fn options(project: &Project) -> EngineOptions {
+fn options(project: &Project, takeover: bool) -> EngineOptions {
     let drift_interval = std::env::var("KILN_DRIFT_INTERVAL")
         .ok()
         .and_then(|s| s.parse::<f64>().ok())
@@ -36,6 +36,7 @@ fn options(project: &Project) -> EngineOptions {
         driver: project.spec.runtime.driver,
         fake: None,
         drift_interval,
+        takeover,
     }
 }
 
@@ -60,9 +61,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// `kiln daemon`: the engine in the foreground until SIGTERM/SIGINT, which
 /// leave instances running (the next daemon adopts them).
-pub fn daemon(path: &Path) -> anyhow::Result<Outcome> {
+pub fn daemon(path: &Path, takeover: bool) -> anyhow::Result<Outcome> {
     let project = Project::load(path)?;
-    let opts = options(&project);
+    let opts = options(&project, takeover);
     runtime()?.block_on(async move {
         let engine = kiln_engine::server::serve(opts).await?;
         eprintln!(
@@ -77,8 +78,13 @@ pub fn daemon(path: &Path) -> anyhow::Result<Outcome> {
             _ = term.recv() => engine.stop(false).await,
             () = engine.stopped() => {}
         }
-        // Let the last replies (of `kiln down`) reach their client.
+        // Let the last replies (of `kiln down`) reach their client, and
+        // after a handover the proxied connections finish.
         tokio::time::sleep(Duration::from_millis(100)).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while engine.proxy().busy() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         anyhow::Ok(())
     })?;
     Ok(Outcome::Success)
@@ -286,7 +292,7 @@ pub fn up(path: &Path, color: bool) -> anyhow::Result<Outcome> {
         )?;
         return Ok(Outcome::Success);
     }
-    let opts = options(&project);
+    let opts = options(&project, false);
     let secrets = env_secrets(&generation);
     let code = runtime()?.block_on(async move {
         let engine = kiln_engine::server::serve(opts).await?;

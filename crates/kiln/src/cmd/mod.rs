@@ -43,7 +43,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             message,
         } => engine::apply(&project.path, yes, wait, message, color),
         Command::Up { project } => engine::up(&project.path, color),
-        Command::Daemon { project } => engine::daemon(&project.path),
+        Command::Daemon { project, takeover } => engine::daemon(&project.path, takeover),
         Command::Status { project, json } => engine::status(&project.path, json),
         Command::Rollback {
             generation,
