@@ -126,7 +126,7 @@ impl Engine {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let (driver, driver_warning) = make_driver(&opts)?;
+        let (driver, driver_warning) = tokio::task::block_in_place(|| make_driver(&opts))?;
         let images = kiln_image::Store::open(&opts.image_store_dir)?;
         let materials = Materials::new(&opts.state_dir, &opts.project_dir, images);
         let (health_tx, health_rx) = mpsc::unbounded_channel();
@@ -771,7 +771,18 @@ impl Engine {
             model::Protocol::Http => kiln_proxy::Protocol::Http,
             model::Protocol::Tcp => kiln_proxy::Protocol::Tcp,
         };
-        let config = kiln_proxy::RouteConfig::new(listen, protocol);
+        let mut config = kiln_proxy::RouteConfig::new(listen, protocol);
+        config.maintenance = route.maintenance;
+        if let Some(t) = route.timeout {
+            config.request_timeout = Duration::from_millis(t.millis);
+        }
+        if let Some(n) = route.max_connections {
+            config.max_connections = n as usize;
+        }
+        config.load_balance = match route.balance {
+            model::Balance::RoundRobin => kiln_proxy::LoadBalance::RoundRobin,
+            model::Balance::LeastRequests => kiln_proxy::LoadBalance::LeastRequests,
+        };
         let inherited = self
             .inherited
             .lock()

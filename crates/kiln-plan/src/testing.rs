@@ -62,6 +62,10 @@ pub fn route(service: &str, listen: &str) -> Route {
         service: service.to_owned(),
         port: "http".to_owned(),
         protocol: Protocol::Http,
+        maintenance: false,
+        timeout: None,
+        max_connections: None,
+        balance: Default::default(),
     }
 }
 

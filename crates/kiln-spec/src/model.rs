@@ -232,12 +232,46 @@ pub struct Volume {
 }
 
 /// One `[route.NAME]`: a listener of kiln's proxy in front of a service port.
+///
+/// The settings after `protocol` are left out of the canonical form while
+/// they have their default, so adding them changed no existing hash.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Route {
     pub listen: String,
     pub service: String,
     pub port: String,
     pub protocol: Protocol,
+    /// Answer every request with 503 and `Retry-After` (HTTP), or close
+    /// connections (TCP), without touching the instances.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub maintenance: bool,
+    /// How long the proxy waits for an instance's answer (default 60 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// Concurrent client connections (default 10,000); beyond, 503/close.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// How requests are spread over the instances.
+    #[serde(default, skip_serializing_if = "Balance::is_default")]
+    pub balance: Balance,
+}
+
+/// A route's load balancing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// Smooth weighted round-robin (honours canary weights exactly).
+    #[default]
+    RoundRobin,
+    /// The instance with the fewest requests in flight, among those with
+    /// weight > 0.
+    LeastRequests,
+}
+
+impl Balance {
+    pub fn is_default(&self) -> bool {
+        *self == Balance::RoundRobin
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

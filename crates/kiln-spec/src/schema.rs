@@ -229,6 +229,14 @@ pub struct Route {
     pub service: String,
     pub port: Option<String>,
     pub protocol: Option<Protocol>,
+    /// Answer 503 with Retry-After (HTTP) or close connections (TCP), instances untouched.
+    pub maintenance: Option<bool>,
+    /// How long the proxy waits for an instance's answer (default "60s").
+    pub timeout: Option<String>,
+    /// Concurrent client connections, 1-1000000 (default 10000).
+    pub max_connections: Option<u32>,
+    /// "round-robin" (default) or "least-requests".
+    pub balance: Option<String>,
 }
 
 #[derive(Debug, JsonSchema)]

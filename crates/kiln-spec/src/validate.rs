@@ -10,8 +10,8 @@ use toml::de::DeTable;
 use crate::check;
 use crate::diag::{Diagnostic, Diagnostics};
 use crate::model::{
-    Copy, Driver, Image, ImageSource, Policy, Project, Protocol, Route, Runtime, Spec, Strategy,
-    Volume,
+    Balance, Copy, Driver, Image, ImageSource, Policy, Project, Protocol, Route, Runtime, Spec,
+    Strategy, Volume,
 };
 use crate::read::{Ctx, Table, Value};
 use crate::service::{self, Claims};
@@ -35,7 +35,16 @@ pub(crate) const IMAGE_KEYS: &[&str] = &[
 ];
 pub(crate) const COPY_KEYS: &[&str] = &["src", "dst", "mode"];
 pub(crate) const VOLUME_KEYS: &[&str] = &["shared", "exclusive"];
-pub(crate) const ROUTE_KEYS: &[&str] = &["listen", "service", "port", "protocol"];
+pub(crate) const ROUTE_KEYS: &[&str] = &[
+    "listen",
+    "service",
+    "port",
+    "protocol",
+    "maintenance",
+    "timeout",
+    "max_connections",
+    "balance",
+];
 pub(crate) const RUNTIME_KEYS: &[&str] = &["driver"];
 pub(crate) const POLICY_KEYS: &[&str] = &["require_signed", "trusted_keys", "keep_generations"];
 
@@ -474,6 +483,38 @@ fn read_routes(
             found.map(|f| (s.clone(), f, span.clone()))
         });
         let port = t.str(ctx, "port");
+        let maintenance = t.bool(ctx, "maintenance").unwrap_or(false);
+        let timeout = t.duration(ctx, "timeout");
+        if let Some(d) = timeout
+            && d.millis == 0
+        {
+            ctx.push(
+                Diagnostic::new(
+                    t.key_span("timeout").unwrap_or(t.span.clone()),
+                    format!("`route.{name}.timeout` must be longer than 0"),
+                )
+                .label("zero timeout")
+                .hint("write how long the proxy may wait for an answer, like \"30s\""),
+            );
+        }
+        let max_connections = t
+            .int(ctx, "max_connections", 1, 1_000_000)
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+        let balance = match t.str(ctx, "balance") {
+            None => Balance::RoundRobin,
+            Some((text, span)) => match text.as_str() {
+                "round-robin" => Balance::RoundRobin,
+                "least-requests" => Balance::LeastRequests,
+                other => {
+                    ctx.push(
+                        Diagnostic::new(span, format!("`route.{name}.balance` is `{other}`"))
+                            .label("unknown balancing")
+                            .hint("write \"round-robin\" or \"least-requests\""),
+                    );
+                    Balance::RoundRobin
+                }
+            },
+        };
         let protocol = t
             .str(ctx, "protocol")
             .and_then(|(p, span)| protocol(ctx, &p, span, &format!("route.{name}.protocol")));
@@ -541,6 +582,10 @@ fn read_routes(
                     service: svc_name,
                     port: port_name,
                     protocol,
+                    maintenance,
+                    timeout,
+                    max_connections,
+                    balance,
                 },
             );
         }
