@@ -198,11 +198,15 @@ impl Engine {
                 .list_instances(None)
                 .map(|r| r.into_iter().map(|r| r.id).collect())
                 .unwrap_or_default();
-            for id in ids {
-                if let Err(e) = self.destroy(&id, None).await {
-                    self.event("instance.error", format!("instance/{id}"), None, e);
+            let stops = ids.into_iter().map(|id| {
+                let this = self.clone();
+                async move {
+                    if let Err(e) = this.destroy(&id, None).await {
+                        this.event("instance.error", format!("instance/{id}"), None, e);
+                    }
                 }
-            }
+            });
+            crate::rollout::futures_join(stops).await;
             self.routes.lock().expect("routes").clear();
             self.event(
                 "daemon.down",

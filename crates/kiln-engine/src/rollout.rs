@@ -313,11 +313,24 @@ impl Engine {
                     "every step done",
                 )?;
                 if let Some(prev) = previous.filter(|p| p.number != number) {
-                    let _ = self.store.set_generation_status(
-                        prev.number,
-                        GenerationStatus::Superseded,
-                        &format!("superseded by generation {number}"),
-                    );
+                    let rollback = self
+                        .store
+                        .get_generation(number)?
+                        .is_some_and(|g| g.origin == Origin::Rollback);
+                    let (status, reason) = if rollback {
+                        (
+                            GenerationStatus::RolledBack,
+                            format!("rolled back by generation {number}"),
+                        )
+                    } else {
+                        (
+                            GenerationStatus::Superseded,
+                            format!("superseded by generation {number}"),
+                        )
+                    };
+                    let _ = self
+                        .store
+                        .set_generation_status(prev.number, status, &reason);
                 }
                 self.event(
                     "generation.active",
