@@ -110,7 +110,7 @@ impl Engine {
         let store = Store::open(&opts.state_dir)?;
         let pid = std::process::id();
         let token = format!("{pid}-{}", nanos());
-        let owner = format!("kiln daemon (pid {pid})");
+        let owner = format!("kiln daemon (pid {pid} on {})", kiln_state::host_name());
         let patience = tokio::time::Instant::now()
             + if opts.takeover {
                 Duration::from_secs(30)

@@ -46,8 +46,26 @@ impl From<crate::EngineError> for Refusal {
 
 impl From<kiln_state::StateError> for Refusal {
     fn from(e: kiln_state::StateError) -> Refusal {
-        Refusal::new(exit::FAILED, format!("the state store failed: {e}"))
+        Refusal::new(
+            exit::FAILED,
+            format!("the state store failed: {}", chain(&e)),
+        )
     }
+}
+
+/// An error with its causes, `a: b: c`.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// Holds the rollout lock and lease for one action.
@@ -345,8 +363,11 @@ impl Engine {
                 })
             }
             Err(why) => {
-                self.store
-                    .set_generation_status(number, GenerationStatus::Failed, &why)?;
+                // Revert even if the state store cannot record the failure
+                // (a full disk): what runs must go back to what served.
+                let recorded =
+                    self.store
+                        .set_generation_status(number, GenerationStatus::Failed, &why);
                 self.event(
                     "generation.failed",
                     format!("generation/{number}"),
@@ -359,6 +380,18 @@ impl Engine {
                     "Rolling back: traffic returns to the previous instances.",
                 );
                 self.revert(number, progress).await;
+                if let Err(e) = recorded {
+                    let _ =
+                        self.store
+                            .set_generation_status(number, GenerationStatus::Failed, &why);
+                    return Err(Refusal::new(
+                        exit::FAILED,
+                        format!(
+                            "generation {number} failed ({why}) and was reverted, but the state store could not record it: {}",
+                            chain(&e)
+                        ),
+                    ));
+                }
                 let active = self.store.active_generation()?.map(|a| a.number);
                 let serving = active.map_or_else(
                     || "nothing was serving before".to_owned(),
@@ -815,9 +848,55 @@ impl Engine {
         let Ok(generation) = load_generation(&self.store, number) else {
             return;
         };
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let Ok(_held) = self.hold("resume after restart", true).await else {
+        // A generation older than the active one was overtaken while it
+        // was interrupted: it is never rolled out over a newer one.
+        if let Ok(Some(active)) = self.store.active_generation()
+            && active.number > number
+        {
+            let why = format!(
+                "interrupted, then overtaken by generation {}",
+                active.number
+            );
+            let _ = self
+                .store
+                .set_generation_status(number, GenerationStatus::Failed, &why);
+            self.event(
+                "generation.failed",
+                format!("generation/{number}"),
+                Some(number),
+                why,
+            );
             return;
+        }
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        // The dead daemon's lease is taken over at once when its pid is
+        // gone; otherwise wait for it to expire.
+        let mut attempts = 0;
+        let _held = loop {
+            match self.hold("resume after restart", true).await {
+                Ok(held) => break held,
+                Err(refusal) if attempts < 60 => {
+                    if attempts == 0 {
+                        self.event(
+                            "generation.resume-waiting",
+                            format!("generation/{number}"),
+                            Some(number),
+                            format!("waiting to resume generation {number}: {}", refusal.message),
+                        );
+                    }
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(refusal) => {
+                    self.event(
+                        "generation.resume-failed",
+                        format!("generation/{number}"),
+                        Some(number),
+                        refusal.message,
+                    );
+                    return;
+                }
+            }
         };
         let step = self
             .store

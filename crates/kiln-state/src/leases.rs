@@ -19,13 +19,44 @@ use crate::error::{Result, db};
 pub struct LeaseHolder {
     pub name: String,
     pub owner: String,
+    /// The holder's process id and host, when it said.
+    pub pid: Option<u32>,
+    pub host: Option<String>,
     /// RFC 3339, UTC, milliseconds.
     pub acquired_at: String,
     /// Milliseconds since the Unix epoch.
     pub expires_ms: u64,
 }
 
+/// This host's name, as leases record it.
+pub fn host_name() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
 impl LeaseHolder {
+    /// Whether the holder is a process of this host that no longer exists:
+    /// its lease can be taken at once instead of waiting for the expiry.
+    pub fn is_dead_local(&self) -> bool {
+        match (self.pid, &self.host) {
+            (Some(pid), Some(host)) if *host == host_name() => {
+                let Some(pid) = i32::try_from(pid)
+                    .ok()
+                    .and_then(rustix::process::Pid::from_raw)
+                else {
+                    return false;
+                };
+                matches!(
+                    rustix::process::test_kill_process(pid),
+                    Err(rustix::io::Errno::SRCH)
+                )
+            }
+            _ => false,
+        }
+    }
+
     /// How long until the lease expires (zero when it already has).
     pub fn remaining(&self) -> Duration {
         Duration::from_millis(self.expires_ms.saturating_sub(now_ms()))
@@ -52,8 +83,9 @@ fn expiry(ttl: Duration) -> i64 {
 }
 
 impl Store {
-    /// Takes lease `name` for `ttl` if it is free, expired, or already held
-    /// with `token`; otherwise returns who holds it.
+    /// Takes lease `name` for `ttl` if it is free, expired, already held
+    /// with `token`, or held by a dead process of this host; otherwise
+    /// returns who holds it. Records this process's pid and host.
     pub fn acquire_lease(
         &self,
         name: &str,
@@ -68,34 +100,25 @@ impl Store {
             .map_err(db(OP))?;
         let current: Option<(LeaseHolder, String)> = tx
             .query_row(
-                "SELECT name, owner, acquired_at, expires_ms, token FROM leases WHERE name = ?1",
+                "SELECT name, owner, acquired_at, expires_ms, pid, host, token FROM leases WHERE name = ?1",
                 params![name],
-                |row| {
-                    Ok((
-                        LeaseHolder {
-                            name: row.get(0)?,
-                            owner: row.get(1)?,
-                            acquired_at: row.get(2)?,
-                            expires_ms: row.get::<_, i64>(3)?.max(0) as u64,
-                        },
-                        row.get(4)?,
-                    ))
-                },
+                |row| Ok((holder(row)?, row.get(6)?)),
             )
             .optional()
             .map_err(db(OP))?;
         if let Some((holder, held_token)) = current
             && held_token != token
             && holder.expires_ms > now_ms()
+            && !holder.is_dead_local()
         {
             return Ok(Err(LeaseHeld(holder)));
         }
         tx.execute(
-            "INSERT INTO leases (name, owner, token, expires_ms) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (name) DO UPDATE SET owner = ?2, token = ?3, expires_ms = ?4,
+            "INSERT INTO leases (name, owner, token, expires_ms, pid, host) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (name) DO UPDATE SET owner = ?2, token = ?3, expires_ms = ?4, pid = ?5, host = ?6,
                  acquired_at = CASE WHEN leases.token = ?3 THEN leases.acquired_at
                                     ELSE strftime('%Y-%m-%dT%H:%M:%fZ', 'now') END",
-            params![name, owner, token, expiry(ttl)],
+            params![name, owner, token, expiry(ttl), std::process::id(), host_name()],
         )
         .map_err(db(OP))?;
         tx.commit().map_err(db(OP))?;
@@ -131,21 +154,25 @@ impl Store {
         let holder = self
             .conn()
             .query_row(
-                "SELECT name, owner, acquired_at, expires_ms FROM leases WHERE name = ?1",
+                "SELECT name, owner, acquired_at, expires_ms, pid, host FROM leases WHERE name = ?1",
                 params![name],
-                |row| {
-                    Ok(LeaseHolder {
-                        name: row.get(0)?,
-                        owner: row.get(1)?,
-                        acquired_at: row.get(2)?,
-                        expires_ms: row.get::<_, i64>(3)?.max(0) as u64,
-                    })
-                },
+                holder,
             )
             .optional()
             .map_err(db("read lease"))?;
-        Ok(holder.filter(|h| h.expires_ms > now_ms()))
+        Ok(holder.filter(|h| h.expires_ms > now_ms() && !h.is_dead_local()))
     }
+}
+
+fn holder(row: &rusqlite::Row<'_>) -> rusqlite::Result<LeaseHolder> {
+    Ok(LeaseHolder {
+        name: row.get(0)?,
+        owner: row.get(1)?,
+        acquired_at: row.get(2)?,
+        expires_ms: row.get::<_, i64>(3)?.max(0) as u64,
+        pid: row.get(4)?,
+        host: row.get(5)?,
+    })
 }
 
 #[cfg(test)]
@@ -175,6 +202,31 @@ mod tests {
             .acquire_lease("rollout", "kiln apply (pid 1)", "a", TTL)
             .unwrap()
             .unwrap();
+    }
+
+    #[test]
+    fn a_dead_local_holder_loses_its_lease_at_once() {
+        let store = Store::open_in_memory().unwrap();
+        store
+            .acquire_lease("daemon", "gone", "a", TTL)
+            .unwrap()
+            .unwrap();
+        // A pid that cannot exist (beyond pid_max) on this host.
+        store
+            .raw_execute("UPDATE leases SET pid = 2147483646")
+            .unwrap();
+        assert_eq!(store.lease("daemon").unwrap(), None);
+        store
+            .acquire_lease("daemon", "new", "b", TTL)
+            .unwrap()
+            .unwrap();
+        assert_eq!(store.lease("daemon").unwrap().unwrap().owner, "new");
+        // A live holder (this process) keeps it.
+        let held = store
+            .acquire_lease("daemon", "other", "c", TTL)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(held.0.pid, Some(std::process::id()));
     }
 
     #[test]

@@ -74,7 +74,7 @@ pub use generations::{
 };
 pub use instances::{InstanceRecord, InstanceUpsert};
 pub use journal::{JournalEntry, JournalPhase, NewJournalEntry};
-pub use leases::{LeaseHeld, LeaseHolder};
+pub use leases::{LeaseHeld, LeaseHolder, host_name};
 pub use migrations::SCHEMA_VERSION;
 
 /// The database's file name inside the state directory.

@@ -71,14 +71,18 @@ fn check_not_too_new(path: &Path, found: u32) -> Result<()> {
 }
 
 /// Version 2: leases. A lease names a resource (`daemon`, `rollout`), who
-/// holds it (free text: pid, host, command) and when it expires, in
-/// milliseconds since the Unix epoch. A holder that dies stops renewing and
-/// its lease simply expires: there is no stuck lock to clear by hand.
+/// holds it (free text: pid, host, command; and the holder's pid and host)
+/// and when it expires, in milliseconds since the Unix epoch. A holder that
+/// dies stops renewing and its lease simply expires, or is taken over at
+/// once by a process on the same host that sees the holder's pid is gone:
+/// there is no stuck lock to clear by hand.
 const V2: &str = r#"
 CREATE TABLE leases (
     name        TEXT PRIMARY KEY,
     owner       TEXT NOT NULL,
     token       TEXT NOT NULL,
+    pid         INTEGER,
+    host        TEXT,
     acquired_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     expires_ms  INTEGER NOT NULL
 );

@@ -160,8 +160,10 @@ fn env_secrets(generation: &Generation) -> BTreeMap<String, String> {
 /// Prints replies until the last; returns its exit code.
 fn follow(replies: kiln_engine::client::Replies, json: bool) -> anyhow::Result<i32> {
     let mut code = 0;
+    let mut ended = false;
     for reply in replies {
         let reply = reply?;
+        ended = matches!(reply, Reply::Done { .. } | Reply::Failed { .. });
         if json {
             println!("{}", serde_json::to_string(&reply)?);
         }
@@ -183,6 +185,11 @@ fn follow(replies: kiln_engine::client::Replies, json: bool) -> anyhow::Result<i
             _ => {}
         }
         let _ = std::io::stdout().flush();
+    }
+    if !ended {
+        bail!(
+            "the daemon stopped answering before the action ended (it may have crashed)\n  hint: `kiln status` and `kiln events` show where it stands; a restarted daemon finishes or reverts an interrupted rollout"
+        );
     }
     Ok(code)
 }
