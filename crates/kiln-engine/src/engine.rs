@@ -58,6 +58,8 @@ pub(crate) fn say(progress: &Progress, message: impl Into<String>) {
 #[derive(Debug)]
 pub(crate) struct Live {
     pub ports: BTreeMap<String, u16>,
+    /// The health check its monitor runs.
+    pub health: Option<model::Health>,
     pub started: Instant,
     pub tasks: Vec<JoinHandle<()>>,
     /// Set before kiln stops it, so its exit is not a crash.
@@ -89,6 +91,9 @@ pub struct Engine {
     pub(crate) reconcile: Mutex<crate::reconcile::ReconcileState>,
     /// Listening sockets handed over by the previous daemon, by route.
     inherited: Mutex<BTreeMap<String, std::net::TcpListener>>,
+    /// Until the interrupted rollout (if any) was picked up after a
+    /// restart: the reconciler leaves `rolling-out` generations alone.
+    pub(crate) resume_pending: std::sync::atomic::AtomicBool,
 }
 
 /// How long leases last without renewal.
@@ -147,6 +152,7 @@ impl Engine {
             token,
             reconcile: Mutex::default(),
             inherited: Mutex::new(inherited),
+            resume_pending: std::sync::atomic::AtomicBool::new(true),
             opts,
         });
         if let Some(w) = &engine.driver_warning {
@@ -463,6 +469,7 @@ impl Engine {
             id.to_owned(),
             Live {
                 ports: ports.clone(),
+                health: None,
                 started: Instant::now(),
                 tasks: Vec::new(),
                 stopping: false,
@@ -524,6 +531,62 @@ impl Engine {
         }
         if let Some(live) = self.live.lock().expect("live").get_mut(id) {
             live.tasks.extend(tasks);
+            live.health = check.cloned();
+        }
+    }
+
+    /// After a generation becomes active: instances whose service's health
+    /// check changed (not part of the identity, so no replacement) get a
+    /// monitor running the new one.
+    pub(crate) fn refresh_monitors(self: &Arc<Self>, generation: &Generation) {
+        let records = self.store.list_instances(None).unwrap_or_default();
+        for rec in records {
+            let wanted = generation
+                .spec
+                .services
+                .get(&rec.service)
+                .and_then(|s| s.health.clone());
+            let stale = {
+                let mut live = self.live.lock().expect("live");
+                match live.get_mut(&rec.id) {
+                    Some(l) if l.health != wanted && !l.stopping && !l.tasks.is_empty() => {
+                        for task in l.tasks.drain(..) {
+                            task.abort();
+                        }
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if stale
+                && parse_status(&rec.status)
+                    .is_some_and(|s| s.is_live() || s == InstanceStatus::Unhealthy)
+            {
+                let id = rec.id.clone();
+                let this = self.clone();
+                let pid = self.pid_of(&id);
+                tokio::spawn(async move {
+                    let pid = pid.await;
+                    this.watch(&id, pid, wanted.as_ref());
+                });
+            }
+        }
+    }
+
+    fn pid_of(
+        self: &Arc<Self>,
+        id: &str,
+    ) -> impl std::future::Future<Output = Option<u32>> + Send + 'static {
+        let this = self.clone();
+        let id = id.to_owned();
+        async move {
+            match this.blocking(move |d| d.inspect(&id)).await {
+                Ok(kiln_runtime::InstanceInfo {
+                    state: InstanceState::Running { pid },
+                    ..
+                }) => pid,
+                _ => None,
+            }
         }
     }
 
@@ -565,10 +628,34 @@ impl Engine {
         {
             return;
         }
-        let id_c = id.to_owned();
-        let (state, logs) = self
-            .blocking(move |d| (d.inspect(&id_c).map(|i| i.state), d.logs(&id_c, 2048)))
-            .await;
+        // The pidfd fires when the process ends; the driver's supervisor
+        // records the exit a moment later. Wait for that record (briefly).
+        let mut tries = 0;
+        let (state, logs) = loop {
+            let id_c = id.to_owned();
+            let (state, logs) = self
+                .blocking(move |d| (d.inspect(&id_c).map(|i| i.state), d.logs(&id_c, 2048)))
+                .await;
+            match state {
+                Ok(InstanceState::Running { .. }) if tries < 400 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                // Still "running" after 2 s although its process ended: the
+                // supervisor died with it; count it as exited.
+                Ok(InstanceState::Running { .. }) => {
+                    break (
+                        Ok(InstanceState::Exited {
+                            code: None,
+                            signal: None,
+                            oom: false,
+                        }),
+                        logs,
+                    );
+                }
+                other => break (other, logs),
+            }
+        };
         let (code, how) = match state {
             Ok(InstanceState::Exited { code, signal, oom }) => (
                 code,
@@ -723,6 +810,7 @@ impl Engine {
                 rec.id.clone(),
                 Live {
                     ports,
+                    health: None,
                     started: Instant::now(),
                     tasks: Vec::new(),
                     stopping: false,

@@ -72,7 +72,44 @@ impl Engine {
 
     /// One reconciliation pass; returns when to try again if a backoff
     /// delayed some replacement.
+    /// A generation still `rolling-out` (or `pending`) while the reconciler
+    /// holds the rollout lock is not being rolled out: its end could not be
+    /// recorded (a full disk) after it was reverted. Record it now.
+    fn settle_stale_generations(&self) {
+        if self
+            .resume_pending
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return;
+        }
+        let Ok(generations) = self.store.list_generations() else {
+            return;
+        };
+        for g in generations {
+            if matches!(
+                g.status,
+                Some(kiln_state::GenerationStatus::RollingOut)
+                    | Some(kiln_state::GenerationStatus::Pending)
+            ) {
+                let why = "its rollout ended without being recorded (the state store was unwritable); it was reverted";
+                if self
+                    .store
+                    .set_generation_status(g.number, kiln_state::GenerationStatus::Failed, why)
+                    .is_ok()
+                {
+                    self.event(
+                        "generation.failed",
+                        format!("generation/{}", g.number),
+                        Some(g.number),
+                        format!("generation {}: {why}", g.number),
+                    );
+                }
+            }
+        }
+    }
+
     async fn heal(self: &Arc<Self>) -> Option<Duration> {
+        self.settle_stale_generations();
         let (number, generation) = match self.active() {
             Ok(Some(active)) => active,
             Ok(None) => return None,

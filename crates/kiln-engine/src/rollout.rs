@@ -356,6 +356,7 @@ impl Engine {
                     Some(number),
                     format!("generation {number} is active"),
                 );
+                self.refresh_monitors(generation);
                 self.wake.notify_one();
                 Ok(Reply::Done {
                     message: format!("Generation {number} is active."),
@@ -833,6 +834,12 @@ impl Engine {
 
     /// After a restart: finishes a rollout that was in flight.
     pub(crate) async fn resume_interrupted(self: Arc<Self>) {
+        self.resume().await;
+        self.resume_pending
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    async fn resume(self: &Arc<Self>) {
         let Ok(generations) = self.store.list_generations() else {
             return;
         };
