@@ -76,9 +76,13 @@ pub(crate) async fn serve(
                 connection.as_mut().graceful_shutdown();
                 shutting_down = true;
             }
+            // The guard is read once when `select!` starts, while the
+            // connection serves requests: check again when the timer fires.
             _ = &mut first_request, if !shutting_down && !seen_request.load(Ordering::Relaxed) => {
-                connection.as_mut().graceful_shutdown();
-                shutting_down = true;
+                if !seen_request.load(Ordering::Relaxed) {
+                    connection.as_mut().graceful_shutdown();
+                    shutting_down = true;
+                }
             }
         }
     }
