@@ -4,7 +4,8 @@
 //! ## Design: a forked supervisor per instance
 //! ```text
 //! daemon ──fork──▶ S0 ──fork──▶ S (supervisor, setsid, reparented to init)
-//!                  └─ exits        └─[unshare(NEWPID)]─vfork──▶ C ──execve──▶ program
+//!                  └─ exits        ├─[unshare(NEWPID)]─clone(VM)──▶ I (sandbox: init, PID 1)
+//!                                  └─vfork──▶ C (PID 2 in the sandbox) ──execve──▶ program
 //! ```
 //! * **S** owns the instance: it waits for C, writes `<state>/<id>/exit`
 //!   (`code N` / `signal N`) the moment C ends, and pumps C's stdout/stderr
@@ -12,10 +13,24 @@
 //!   one `.1` file each. Because S is not the daemon's child (double fork),
 //!   the instance, its logs and its exit status survive a restart (or a
 //!   kill -9) of the daemon: a new driver adopts it from the state dir.
-//! * **C** is the instance's process-group leader (setsid); for the sandbox
-//!   it is PID 1 of a new PID namespace and builds its root in a private
-//!   mount namespace (see [`setup_root`]), so no mount ever shows on the
-//!   host and all of them vanish with the instance.
+//! * **I** (sandbox only) is the init of the instance's new PID namespace
+//!   (PID 1), like `docker --init`/tini: it creates the mount, UTS, IPC (and
+//!   network) namespaces and builds the instance root in its private mount
+//!   namespace (see [`setup_root`]), so no mount ever shows on the host and
+//!   all of them vanish with the instance. Then it forwards SIGTERM, SIGINT,
+//!   SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 and SIGWINCH to the program and reaps
+//!   every child the kernel gives it (orphans), until S kills it. It shares
+//!   S's memory (see [`spawn_init`], [`init_loop`]): no copy of the page
+//!   tables, no exec. I stays outside the instance's cgroup.
+//! * **C** is the instance's process-group leader (setsid) and the program:
+//!   its pid is the one reported (`Launched::pid`). In the sandbox it is
+//!   PID 2, S's child (so S waits for it and records its status exactly as
+//!   for the `process` driver), joins I's namespaces (setns: its root
+//!   becomes the instance's) and its cgroup. Not being PID 1, the program
+//!   gets the kernel's default signal actions: SIGTERM ends a program
+//!   without a handler. When C ends, S kills I (SIGKILL from outside the
+//!   namespace), which kills what is left in the namespace; once I is
+//!   reaped (so nothing is left) S records C's status.
 //! * **Rootless** (`SandboxPlan::userns`): S first unshares a user
 //!   namespace and waits; S0, still outside it, writes S's `setgroups`
 //!   (deny), `uid_map` and `gid_map` (the caller's uid and gid as 0, single-id
@@ -40,13 +55,19 @@
 //! caught and turned into an exit. C is started vfork-style (see
 //! [`spawn_child`]): it shares S's memory until execve while S, which is
 //! single-threaded, is suspended, so nothing else touches that memory.
+//! I shares S's memory for good (`CLONE_VM` without `CLONE_VFORK`): S waits,
+//! blocked on a pipe, while I sets up (and may allocate); afterwards I runs
+//! only raw system calls (rustix's linux_raw backend: no errno, which lives
+//! in the TLS it shares with S; no allocation, no lock) on its own stack,
+//! and S makes their memory not dumpable before anything of the instance
+//! runs (nothing inside may ptrace I, or read S's memory through it).
 
 #![allow(unsafe_code)]
 
 use std::ffi::{CString, OsString};
 use std::fs::File;
 use std::io::Write as _;
-use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd, RawFd};
+use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -75,7 +96,7 @@ pub struct Plan {
 #[derive(Debug)]
 pub struct SandboxPlan {
     /// Empty host directory on which the instance's root is assembled, in
-    /// C's private mount namespace only (so instances may share it).
+    /// I's private mount namespace only (so instances may share it).
     pub root: PathBuf,
     /// The shared image root (never written).
     pub image: PathBuf,
@@ -145,6 +166,8 @@ const STEPS: &[&str] = &[
     "execve",
     "create the user namespace",
     "map the user namespace",
+    "start the init",
+    "join the namespaces",
 ];
 
 fn step(name: &str) -> u32 {
@@ -433,10 +456,54 @@ fn supervise(plan: &Plan, wr: &OwnedFd, stdin: &File, out: &File, err: &File, pt
         Ok(p) => p,
         Err(e) => fail("start the supervisor", e),
     };
-    if plan.sandbox.is_some() {
+    let mut init = None;
+    let mut join = vec![];
+    if let Some(sb) = &plan.sandbox {
         // SAFETY: NEWPID only affects the children S forks from now on.
         if let Err(e) = unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWPID) } {
             fail("create the PID namespace", e);
+        }
+        let i = match spawn_init(sb, wr) {
+            Ok(i) => i,
+            Err((None, e)) => fail("start the init", e),
+            // I reported its error; its status is the instance's.
+            Err((Some(i), _)) => {
+                end_init(plan, Some(i), None);
+                // SAFETY: see `launch`.
+                unsafe { libc::_exit(0) }
+            }
+        };
+        init = Some(i);
+        let mut names = vec!["uts", "ipc"];
+        if sb.private_network {
+            names.push("net");
+        }
+        names.push("mnt");
+        for ns in names {
+            let path = format!("/proc/{}/ns/{ns}", i.as_raw_nonzero());
+            match rustix::fs::open(
+                path.as_str(),
+                rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            ) {
+                Ok(fd) => join.push(fd),
+                Err(e) => {
+                    send(wr, TAG_ERROR, step("join the namespaces"), e.raw_os_error());
+                    end_init(plan, init, None);
+                    // SAFETY: see `launch`.
+                    unsafe { libc::_exit(127) }
+                }
+            }
+        }
+        // Not dumpable (this memory is I's too): nothing in the instance may
+        // ptrace I or read its memory. Only now: it also closes I's
+        // /proc/PID/ns to S in rootless mode. No instance process exists yet.
+        let nd = rustix::process::DumpableBehavior::NotDumpable;
+        if let Err(e) = rustix::process::set_dumpable_behavior(nd) {
+            send(wr, TAG_ERROR, step("start the init"), e.raw_os_error());
+            end_init(plan, init, None);
+            // SAFETY: see `launch`.
+            unsafe { libc::_exit(127) }
         }
     }
     let c = spawn_child(&ChildArgs {
@@ -445,23 +512,248 @@ fn supervise(plan: &Plan, wr: &OwnedFd, stdin: &File, out: &File, err: &File, pt
         out: &out_w,
         err: &err_w,
         wr,
+        join: &join,
         ptrs,
     });
     if c < 0 {
-        fail(
-            "fork the instance",
-            rustix::io::Errno::from_io_error(&std::io::Error::last_os_error())
-                .unwrap_or(rustix::io::Errno::AGAIN),
-        );
+        let e = rustix::io::Errno::from_io_error(&std::io::Error::last_os_error())
+            .unwrap_or(rustix::io::Errno::AGAIN);
+        send(wr, TAG_ERROR, step("fork the instance"), e.raw_os_error());
+        end_init(plan, init, None);
+        // SAFETY: see `launch`.
+        unsafe { libc::_exit(127) }
     }
-    drop((out_w, err_w));
+    drop((out_w, err_w, join));
     send(wr, TAG_CHILD, c as u32, 0);
     // SAFETY: closing our copy of the status pipe: C keeps its own until
     // execve; the daemon reads until both are closed. `wr` is not used again.
     unsafe { libc::close(wr.as_raw_fd()) };
-    pump(plan, c, out_r, err_r, out, err);
+    pump(plan, c, init, out_r, err_r, out, err);
     // SAFETY: see `launch`.
     unsafe { libc::_exit(0) }
+}
+
+/// Writes the instance's exit status to `plan.exit_file` (atomically).
+fn record_exit(plan: &Plan, status: rustix::process::WaitStatus) {
+    let text = match (status.exit_status(), status.terminating_signal()) {
+        (Some(code), _) => format!("code {code}\n"),
+        (_, Some(sig)) => format!("signal {sig}\n"),
+        _ => "unknown\n".to_string(),
+    };
+    let mut tmp = plan.exit_file.as_os_str().to_owned();
+    tmp.push(".tmp");
+    if std::fs::write(&tmp, text).is_ok() {
+        let _ = std::fs::rename(&tmp, &plan.exit_file);
+    }
+}
+
+/// Ends the sandbox's init I (SIGKILL from outside its namespace, which
+/// the kernel always delivers; its exit kills whatever is left in the
+/// namespace and completes only once all of it is gone), reaps it, then
+/// records `status` (C's), or I's own status when C never ran.
+fn end_init(plan: &Plan, init: Option<Pid>, status: Option<rustix::process::WaitStatus>) {
+    let mut own = None;
+    if let Some(i) = init {
+        let _ = rustix::process::kill_process(i, rustix::process::Signal::KILL);
+        loop {
+            match rustix::process::waitpid(Some(i), WaitOptions::empty()) {
+                Err(rustix::io::Errno::INTR) => continue,
+                Ok(s) => own = s.map(|(_, s)| s),
+                Err(_) => {}
+            }
+            break;
+        }
+    }
+    if let Some(s) = status.or(own) {
+        record_exit(plan, s);
+    }
+}
+
+/// The signals I forwards to the program (as `tini` does); the others sent
+/// to it are dropped (the kernel's rule for a namespace's PID 1).
+const FORWARDED: [(i32, rustix::process::Signal); 7] = [
+    (libc::SIGTERM, rustix::process::Signal::TERM),
+    (libc::SIGINT, rustix::process::Signal::INT),
+    (libc::SIGHUP, rustix::process::Signal::HUP),
+    (libc::SIGQUIT, rustix::process::Signal::QUIT),
+    (libc::SIGUSR1, rustix::process::Signal::USR1),
+    (libc::SIGUSR2, rustix::process::Signal::USR2),
+    (libc::SIGWINCH, rustix::process::Signal::WINCH),
+];
+
+/// C's pid inside the namespace: the second process S starts in it, after I.
+const PROGRAM_IN_NAMESPACE: i32 = 2;
+
+/// What I needs until it is ready, on S's stack (S waits meanwhile).
+struct InitArgs<'a> {
+    sb: &'a SandboxPlan,
+    wr: &'a OwnedFd,
+    ready: &'a OwnedFd,
+}
+
+/// Starts I, the sandbox's init (PID 1 of the new PID namespace), as a
+/// `CLONE_VM` child of S on a stack of its own *without* `CLONE_VFORK`: it
+/// shares S's memory for good (no copy of the page tables, nothing to tear
+/// down), so S waits, blocked on `ready`, while I sets up (which may
+/// allocate, as C does); once I says it is ready it only makes raw system
+/// calls on its own stack (see [`init_loop`]). The stack is never unmapped:
+/// S ends soon after I. Returns I's pid; or `(Some(I), _)` when I failed
+/// (and reported why on `wr`), `(None, errno)` when it could not start.
+fn spawn_init(sb: &SandboxPlan, wr: &OwnedFd) -> Result<Pid, (Option<Pid>, rustix::io::Errno)> {
+    let errno = || {
+        rustix::io::Errno::from_io_error(&std::io::Error::last_os_error())
+            .unwrap_or(rustix::io::Errno::AGAIN)
+    };
+    let (ready_r, ready_w) =
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| (None, e))?;
+    // SAFETY: a fresh private anonymous mapping, I's for its lifetime.
+    let stack = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            CHILD_STACK,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if stack == libc::MAP_FAILED {
+        return Err((None, errno()));
+    }
+    // SAFETY: the lowest page of the mapping above becomes the guard page.
+    unsafe { libc::mprotect(stack, 4096, libc::PROT_NONE) };
+    let args = InitArgs {
+        sb,
+        wr,
+        ready: &ready_w,
+    };
+    // SAFETY: `init_entry` runs on the new stack (its top, 16-byte aligned);
+    // it reads `args` only until it writes to `ready` or ends, while S is
+    // blocked below and `args` is alive.
+    let i = unsafe {
+        libc::clone(
+            init_entry,
+            stack.cast::<u8>().add(CHILD_STACK).cast(),
+            libc::CLONE_VM | libc::SIGCHLD,
+            std::ptr::from_ref(&args).cast_mut().cast(),
+        )
+    };
+    if i < 0 {
+        let e = errno();
+        // SAFETY: no process runs on this stack.
+        unsafe { libc::munmap(stack, CHILD_STACK) };
+        return Err((None, e));
+    }
+    // Only system calls on S's own stack until I is ready.
+    drop(ready_w);
+    let mut b = [0u8; 1];
+    let ready = loop {
+        match rustix::io::read(&ready_r, &mut b) {
+            Err(rustix::io::Errno::INTR) => continue,
+            r => break matches!(r, Ok(1)),
+        }
+    };
+    match Pid::from_raw(i) {
+        Some(pid) if ready => Ok(pid),
+        pid => Err((pid, rustix::io::Errno::CHILD)),
+    }
+}
+
+/// I's entry point (see [`spawn_init`]): sets up, says it is ready, then
+/// runs [`init_loop`] until S kills it; `_exit`s on failure.
+extern "C" fn init_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `InitArgs` that `spawn_init` was given, alive
+    // until I writes to `ready` or ends.
+    let a = unsafe { &*arg.cast::<InitArgs<'_>>() };
+    let (wr, ready) = (a.wr.as_raw_fd(), a.ready.as_raw_fd());
+    let setup =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| init_setup(a.sb, wr, ready)));
+    match setup {
+        Ok(Ok(sfd)) => {
+            // SAFETY: `ready` is I's own copy, open until closed here.
+            let _ = rustix::io::write(unsafe { BorrowedFd::borrow_raw(ready) }, b"r");
+            // From here S runs again in this memory: `a` is gone.
+            // SAFETY: I's own copies, never used again.
+            unsafe {
+                rustix::io::close(ready);
+                rustix::io::close(wr);
+            }
+            init_loop(sfd)
+        }
+        Ok(Err((s, e))) => send(a.wr, TAG_ERROR, s, e.raw_os_error()),
+        Err(_) => {}
+    }
+    // SAFETY: see `launch`.
+    unsafe { libc::_exit(127) }
+}
+
+/// I before it is ready (S waits): its own session, killed if S ends (so it
+/// never outlives its supervisor; S then makes their shared memory not
+/// dumpable, see [`supervise`]), the instance's
+/// namespaces and root, and a signalfd for [`FORWARDED`] and SIGCHLD,
+/// blocked (blocked signals reach a namespace's init even without a
+/// handler). Closes every descriptor but `wr`, `ready` and the signalfd.
+fn init_setup(sb: &SandboxPlan, wr: RawFd, ready: RawFd) -> StepResult<RawFd> {
+    rustix::process::setsid().at("start the init")?;
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+        .at("start the init")?;
+    let _ = rustix::thread::set_name(c"kiln-init");
+    let mut flags = UnshareFlags::NEWNS | UnshareFlags::NEWUTS | UnshareFlags::NEWIPC;
+    if sb.private_network {
+        flags |= UnshareFlags::NEWNET;
+    }
+    // SAFETY: I is single-threaded; unsharing affects only itself.
+    unsafe { rustix::thread::unshare_unsafe(flags) }.at("create the namespaces")?;
+    rustix::system::sethostname(sb.hostname.as_bytes()).at("set the hostname")?;
+    setup_root(sb)?;
+    // SAFETY: a signal set on I's stack; blocking signals and creating a
+    // signalfd only affect I.
+    let sfd = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        for (sig, _) in FORWARDED {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        libc::signalfd(-1, &set, libc::SFD_CLOEXEC)
+    };
+    if sfd < 0 {
+        return Err((
+            step("start the init"),
+            rustix::io::Errno::from_io_error(&std::io::Error::last_os_error())
+                .unwrap_or(rustix::io::Errno::INVAL),
+        ));
+    }
+    close_all_except(&mut [sfd, wr, ready]);
+    Ok(sfd)
+}
+
+/// I once ready, sharing S's memory while S runs: only raw system calls
+/// (rustix's linux_raw backend: no errno, no allocation, no lock) on I's own
+/// stack. Forwards [`FORWARDED`] signals to the program (pid 2 in the
+/// namespace) and reaps every child (the orphans the kernel gives a
+/// namespace's init). S, which waits for the program, kills I when the
+/// program has ended.
+fn init_loop(sfd: RawFd) -> ! {
+    // SAFETY: I's own signalfd, never closed.
+    let fd = unsafe { BorrowedFd::borrow_raw(sfd) };
+    let program = Pid::from_raw(PROGRAM_IN_NAMESPACE);
+    // A `struct signalfd_siginfo`; `ssi_signo` first.
+    let mut info = [0u8; 128];
+    loop {
+        if !matches!(rustix::io::read(fd, &mut info), Ok(128)) {
+            continue;
+        }
+        let signo = i32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
+        if signo == libc::SIGCHLD {
+            while let Ok(Some(_)) = rustix::process::wait(WaitOptions::NOHANG) {}
+        } else if let (Some(pid), Some((_, sig))) =
+            (program, FORWARDED.iter().find(|(n, _)| *n == signo))
+        {
+            let _ = rustix::process::kill_process(pid, *sig);
+        }
+    }
 }
 
 /// What C needs, on S's stack (S is suspended while C uses it).
@@ -471,6 +763,8 @@ struct ChildArgs<'a> {
     out: &'a OwnedFd,
     err: &'a OwnedFd,
     wr: &'a OwnedFd,
+    /// Sandbox: the init's namespaces, for C to join.
+    join: &'a [OwnedFd],
     ptrs: Ptrs,
 }
 
@@ -528,7 +822,7 @@ extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
     // while S is suspended.
     let a = unsafe { &*arg.cast::<ChildArgs<'_>>() };
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let Err((s, e)) = child(a.plan, a.stdin, a.out, a.err, a.ptrs);
+        let Err((s, e)) = child(a.plan, a.stdin, a.out, a.err, a.join, a.ptrs);
         send(a.wr, TAG_ERROR, s, e.raw_os_error());
     }));
     // SAFETY: see `launch`.
@@ -566,7 +860,15 @@ impl Log<'_> {
     }
 }
 
-fn pump(plan: &Plan, c: i32, out_r: OwnedFd, err_r: OwnedFd, out: &File, err: &File) {
+fn pump(
+    plan: &Plan,
+    c: i32,
+    init: Option<Pid>,
+    out_r: OwnedFd,
+    err_r: OwnedFd,
+    out: &File,
+    err: &File,
+) {
     let max = plan.log_max_bytes.max(1);
     let log = |path, file: &File| {
         let file = file.try_clone().ok()?;
@@ -581,18 +883,9 @@ fn pump(plan: &Plan, c: i32, out_r: OwnedFd, err_r: OwnedFd, out: &File, err: &F
     let pid = Pid::from_raw(c);
     let mut exited: Option<Instant> = None;
     let mut buf = vec![0u8; 1 << 16];
-    let record = |status: rustix::process::WaitStatus| {
-        let text = match (status.exit_status(), status.terminating_signal()) {
-            (Some(code), _) => format!("code {code}\n"),
-            (_, Some(sig)) => format!("signal {sig}\n"),
-            _ => "unknown\n".to_string(),
-        };
-        let mut tmp = plan.exit_file.as_os_str().to_owned();
-        tmp.push(".tmp");
-        if std::fs::write(&tmp, text).is_ok() {
-            let _ = std::fs::rename(&tmp, &plan.exit_file);
-        }
-    };
+    // The instance has ended once C has and, in the sandbox, with it the
+    // init and whatever was left in the namespace.
+    let record = |status| end_init(plan, init, Some(status));
     let (Some(lo), Some(le)) = (log(&plan.stdout, out), log(&plan.stderr, err)) else {
         // Without its log files S still owes the exit status.
         if let Ok(Some((_, status))) = rustix::process::waitpid(pid, WaitOptions::empty()) {
@@ -606,6 +899,9 @@ fn pump(plan: &Plan, c: i32, out_r: OwnedFd, err_r: OwnedFd, out: &File, err: &F
         if exited.is_none() {
             match rustix::process::waitpid(pid, WaitOptions::NOHANG) {
                 Ok(Some((_, status))) => {
+                    // What the program wrote is in the pipes already: in
+                    // the logs before its exit is visible.
+                    drain(&mut fds, &mut logs, &mut buf);
                     record(status);
                     exited = Some(Instant::now());
                 }
@@ -662,27 +958,46 @@ fn pump(plan: &Plan, c: i32, out_r: OwnedFd, err_r: OwnedFd, out: &File, err: &F
     }
 }
 
+/// Reads what is already in the log pipes (never blocks; bounded, should
+/// a straggler keep writing).
+fn drain(fds: &mut [Option<OwnedFd>; 2], logs: &mut [Log<'_>; 2], buf: &mut [u8]) {
+    for i in 0..2 {
+        for _ in 0..64 {
+            let Some(fd) = fds[i].as_ref() else { break };
+            let mut pfd = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+            let zero = rustix::event::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            if rustix::event::poll(&mut pfd, Some(&zero)).unwrap_or(0) == 0 {
+                break;
+            }
+            match rustix::io::read(fd, &mut *buf) {
+                Ok(0) => fds[i] = None,
+                Ok(n) => logs[i].write(&buf[..n]),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(_) => fds[i] = None,
+            }
+        }
+    }
+}
+
 /// C: from fork to execve. Returns only on failure.
 fn child(
     plan: &Plan,
     stdin: &File,
     out: &OwnedFd,
     err: &OwnedFd,
+    join: &[OwnedFd],
     ptrs: Ptrs,
 ) -> StepResult<std::convert::Infallible> {
     rustix::process::setsid().at("create the session")?;
     for f in &plan.cgroup_procs {
         rustix::io::write(f, b"0").at("join the cgroup")?;
     }
-    if let Some(sb) = &plan.sandbox {
-        let mut flags = UnshareFlags::NEWNS | UnshareFlags::NEWUTS | UnshareFlags::NEWIPC;
-        if sb.private_network {
-            flags |= UnshareFlags::NEWNET;
-        }
-        // SAFETY: C is single-threaded; unsharing affects only itself.
-        unsafe { rustix::thread::unshare_unsafe(flags) }.at("create the namespaces")?;
-        rustix::system::sethostname(sb.hostname.as_bytes()).at("set the hostname")?;
-        setup_root(sb)?;
+    // Sandbox: the init's namespaces (mount last: its root becomes ours).
+    for fd in join {
+        rustix::thread::move_into_link_name_space(fd.as_fd(), None).at("join the namespaces")?;
     }
     rustix::stdio::dup2_stdin(stdin.as_fd()).at("redirect stdio")?;
     rustix::stdio::dup2_stdout(out.as_fd()).at("redirect stdio")?;
@@ -755,7 +1070,7 @@ fn child(
 
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
-/// Builds the instance root inside C's private mount namespace:
+/// Builds the instance root inside I's (the init's) private mount namespace:
 /// a tmpfs holding one read-only bind mount per top-level entry of the
 /// image (the image itself is never written, and mount points that a
 /// `scratch` image lacks can be created in the tmpfs), fresh /proc,

@@ -4,9 +4,14 @@
 //! ## What an instance gets
 //! * New mount, PID, UTS and IPC namespaces (network only with
 //!   [`SandboxOptions::private_network`]: ports are host ports by default).
-//!   The program is PID 1 of its namespace: like Docker without `--init`,
-//!   a SIGTERM reaches it only if it handles SIGTERM, else `stop` ends it
-//!   with SIGKILL after the grace period.
+//!   PID 1 of the namespace is kiln's own init (`kiln-init`, like Docker's
+//!   `--init`; see `launch`): it forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT,
+//!   SIGUSR1, SIGUSR2 and SIGWINCH to the program and reaps orphaned
+//!   zombies. The program is PID 2, so `stop`'s SIGTERM ends even a program
+//!   without a handler (reported as signal 15). The reported pid
+//!   (`Running { pid }`) is the program's host pid: its env is the
+//!   instance's, killing it is the instance's exit (with that signal), and
+//!   `exec` enters its namespaces.
 //! * A root assembled in its private mount namespace (`launch::setup_root`):
 //!   a tmpfs with one read-only bind mount per top-level entry of the shared
 //!   image root, fresh `/proc`, a minimal `/dev` (null, zero, full, random,
@@ -93,7 +98,7 @@ pub struct SandboxMode {
 }
 
 impl SandboxMode {
-    /// Where C mounts the instance's tmpfs root: one empty directory shared
+    /// Where the init (I) mounts the instance's tmpfs root: one empty directory shared
     /// by all the driver's instances (`<state_dir>/.root`, never an instance
     /// id), since each mounts over it only in its own private mount
     /// namespace; nothing is ever mounted on it on the host.

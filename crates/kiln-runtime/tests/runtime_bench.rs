@@ -200,6 +200,12 @@ fn instance_memory(id: &str) -> (u64, u64, u64, u64, Vec<String>) {
     };
     let (mut ir, mut ip, mut or, mut op, mut names) = (0, 0, 0, 0, vec![]);
     for p in pids.iter().copied().filter(|p| in_tree(*p)) {
+        // The sandbox's init shares its supervisor's memory (CLONE_VM):
+        // its VmRSS and Pss are the supervisor's, counted once.
+        if stat(p).is_some_and(|(_, c)| c == "kiln-init") {
+            names.push("kiln-init (the supervisor's memory)".to_string());
+            continue;
+        }
         let (rss, pss) = memory(p);
         if own.contains(&p) {
             ir += rss;
