@@ -100,6 +100,22 @@ pub(crate) struct Local<M> {
     pub mode: M,
 }
 
+impl<M> Local<M> {
+    /// The instance's cgroup name: its id and a digest of this driver's
+    /// state directory, so that two projects whose instances have the same
+    /// id (same spec in two checkouts) never share, or kill, a cgroup.
+    fn cgroup_name(&self, id: &str) -> String {
+        // FNV-1a: stable, tiny, and collisions only matter between two
+        // state directories of one host.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in self.state_dir.as_os_str().as_encoded_bytes() {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{id}-{:08x}", hash as u32)
+    }
+}
+
 pub(crate) fn io(id: &str, op: &'static str) -> impl FnOnce(std::io::Error) -> RuntimeError {
     let id = id.to_string();
     move |source| RuntimeError::Io { id, op, source }
@@ -296,13 +312,15 @@ impl<M: Mode> Local<M> {
         let _ = std::fs::remove_file(dir.join("exit"));
         let mut plan = self.mode.plan(&dir, &rec.config)?;
         let cgroup = match self.mode.cgroups() {
-            Some(v) => Some(Cgroup::create(v, id, &rec.config.resources).map_err(|e| {
-                setup(
-                    id,
-                    format!("cannot set up its cgroup: {e}"),
-                    "check that cgroups are mounted and writable",
-                )
-            })?),
+            Some(v) => Some(
+                Cgroup::create(v, &self.cgroup_name(id), &rec.config.resources).map_err(|e| {
+                    setup(
+                        id,
+                        format!("cannot set up its cgroup: {e}"),
+                        "check that cgroups are mounted and writable",
+                    )
+                })?,
+            ),
             None => None,
         };
         let result = cgroup
