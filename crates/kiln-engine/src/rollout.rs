@@ -382,9 +382,29 @@ impl Engine {
                 );
                 self.revert(number, progress).await;
                 if let Err(e) = recorded {
-                    let _ =
+                    let again =
                         self.store
                             .set_generation_status(number, GenerationStatus::Failed, &why);
+                    if again.is_err() {
+                        // Let the reconciler record it once the store is
+                        // writable again: wake it every second until then.
+                        let this = self.clone();
+                        tokio::spawn(async move {
+                            loop {
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                let settled = this
+                                    .store
+                                    .generation_status(number)
+                                    .ok()
+                                    .flatten()
+                                    .is_none_or(|s| s.status != GenerationStatus::RollingOut);
+                                if settled || *this.shutdown.borrow() {
+                                    return;
+                                }
+                                this.wake.notify_one();
+                            }
+                        });
+                    }
                     return Err(Refusal::new(
                         exit::FAILED,
                         format!(
