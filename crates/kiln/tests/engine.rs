@@ -1212,6 +1212,56 @@ fn a_restarted_daemon_adopts_what_runs() {
     assert!(events.has("daemon.adopted", "daemon"), "{events}");
 }
 
+/// An upgrade: `kiln daemon --takeover` takes the running daemon's
+/// listening sockets over (SCM_RIGHTS) and adopts its instances; a client
+/// polling the route over fresh connections throughout sees no failure.
+#[test]
+fn an_upgrade_takes_the_route_over_without_a_failed_request() {
+    if !can_run("an_upgrade_takes_the_route_over_without_a_failed_request") {
+        return;
+    }
+    let p = Hello::new(|s| s);
+    p.apply_ok();
+    let before = p.converged();
+    let old = before["daemon_pid"].as_u64().unwrap();
+    let addr = p.route();
+    let poller = Poller::start(addr, "hello");
+    wait_until("the poller to get answers", || {
+        http_get(addr, "/").ok().filter(|(c, _)| *c == 200)
+    });
+    let mut new = p
+        .command(&["daemon", ".", "--takeover"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kiln daemon starts");
+    let after = wait_until("the new daemon to serve", || {
+        let out = p.kiln(&["status", ".", "--json"]);
+        let status: Value = serde_json::from_slice(&out.stdout).ok()?;
+        (status["daemon_pid"].as_u64() == Some(u64::from(new.id()))).then_some(status)
+    });
+    wait_until("the old daemon to exit", || {
+        (!Path::new(&format!("/proc/{old}")).exists()).then_some(())
+    });
+    // A few more answers from the new daemon alone.
+    for _ in 0..20 {
+        let (code, body) = http_get(addr, "/").expect("the route answers");
+        assert_eq!(code, 200, "{body}");
+    }
+    let (good, bad) = poller.finish();
+    assert!(
+        bad.is_empty(),
+        "{} bad answers of {}:{}",
+        bad.len(),
+        good + bad.len() as u64,
+        summarize(&bad)
+    );
+    assert_eq!(ids(&after), ids(&before), "the same instances serve");
+    assert!(p.has_event("daemon.handover", "daemon"), "{:?}", p.events());
+    let _ = p.kiln(&["down", "."]);
+    let _ = new.wait();
+}
+
 #[test]
 fn down_stops_everything_and_the_volume_stays() {
     if !can_run("down_stops_everything_and_the_volume_stays") {
