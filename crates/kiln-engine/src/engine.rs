@@ -885,6 +885,13 @@ impl Engine {
                     a.ip() == listen.ip() && (listen.port() == 0 || a.port() == listen.port())
                 })
             });
+        // The backends are known before the socket accepts: staged for a
+        // new route, so no request meets an empty set.
+        let weights = self.rotation_weights(&route.service)?;
+        let backends = self.backends_for(name, route, &weights)?;
+        if self.proxy.backends(name).is_none() {
+            self.proxy.stage_backends(name, backends.clone());
+        }
         match inherited {
             Some(listener) => self
                 .proxy
@@ -901,9 +908,17 @@ impl Engine {
             .lock()
             .expect("routes")
             .insert(name.to_owned(), route.clone());
+        self.proxy
+            .set_backends(name, backends)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Equal weights over the service's live instances that are recorded in
+    /// rotation.
+    fn rotation_weights(&self, service: &str) -> Result<Vec<(String, u32)>, String> {
         let records = self
             .store
-            .list_instances(Some(&route.service))
+            .list_instances(Some(service))
             .map_err(|e| e.to_string())?;
         let ids: Vec<&InstanceRecord> = records
             .iter()
@@ -912,8 +927,7 @@ impl Engine {
             })
             .collect();
         let weight = kiln_plan::TRAFFIC_TOTAL / u32::try_from(ids.len().max(1)).unwrap_or(1);
-        let weights: Vec<(String, u32)> = ids.iter().map(|r| (r.id.clone(), weight)).collect();
-        self.set_route_backends(name, route, &weights)
+        Ok(ids.iter().map(|r| (r.id.clone(), weight)).collect())
     }
 
     pub(crate) fn set_route_backends(
@@ -922,6 +936,18 @@ impl Engine {
         route: &Route,
         weights: &[(String, u32)],
     ) -> Result<(), String> {
+        let backends = self.backends_for(name, route, weights)?;
+        self.proxy
+            .set_backends(name, backends)
+            .map_err(|e| e.to_string())
+    }
+
+    fn backends_for(
+        &self,
+        name: &str,
+        route: &Route,
+        weights: &[(String, u32)],
+    ) -> Result<Vec<kiln_proxy::Backend>, String> {
         let live = self.live.lock().expect("live");
         let mut backends = Vec::new();
         for (id, weight) in weights {
@@ -935,10 +961,7 @@ impl Engine {
                 weight: *weight,
             });
         }
-        drop(live);
-        self.proxy
-            .set_backends(name, backends)
-            .map_err(|e| e.to_string())
+        Ok(backends)
     }
 
     /// Routes currently served for `service`.

@@ -131,6 +131,9 @@ struct Inner {
     gauges: Mutex<HashMap<String, Arc<Gauge>>>,
     /// Serialises configure/remove/shutdown (never taken by requests).
     ops: tokio::sync::Mutex<()>,
+    /// Backend sets staged for routes not configured yet: installed before
+    /// the route's first accept (see [`Proxy::stage_backends`]).
+    staged: Mutex<HashMap<String, Vec<Backend>>>,
 }
 
 fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -202,6 +205,10 @@ impl Proxy {
             }
             None => Arc::new(RouteShared::new(name, config)),
         };
+        let staged = locked(&self.inner.staged).remove(name);
+        if let Some(backends) = staged {
+            self.apply_backends(name, &shared, backends)?;
+        }
         let listening = Listening::start(shared.clone(), listener, configured)?;
         let old = locked(&self.inner.routes).insert(name.to_owned(), Route { shared, listening });
         if let Some(old) = old {
@@ -263,6 +270,23 @@ impl Proxy {
             .get(route)
             .map(|r| r.shared.clone())
             .ok_or_else(|| ProxyError::NoSuchRoute(route.to_owned()))?;
+        self.apply_backends(route, &shared, backends)
+    }
+
+    /// The backend set a route that is not configured yet starts with, so
+    /// that its first accepted request already has somewhere to go (a new
+    /// daemon serving a handed-over socket, a route created for running
+    /// instances). Replaced by any later staging; dropped by nothing else.
+    pub fn stage_backends(&self, route: &str, backends: Vec<Backend>) {
+        locked(&self.inner.staged).insert(route.to_owned(), backends);
+    }
+
+    fn apply_backends(
+        &self,
+        route: &str,
+        shared: &Arc<RouteShared>,
+        backends: Vec<Backend>,
+    ) -> Result<(), ProxyError> {
         let mut ids = HashSet::new();
         for b in &backends {
             if !ids.insert(b.id.as_str()) {
