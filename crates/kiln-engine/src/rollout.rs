@@ -357,6 +357,21 @@ impl Engine {
                     format!("generation {number} is active"),
                 );
                 self.refresh_monitors(generation);
+                if let Some(keep) = generation.spec.policy.keep_generations {
+                    // Retention, the only deletion of history: by the
+                    // policy the user declared, never the active one.
+                    match self.store.gc_generations(keep) {
+                        Ok(gone) if !gone.is_empty() => say(
+                            progress,
+                            format!(
+                                "Retention (keep_generations = {keep}) removed {} old generation(s).",
+                                gone.len()
+                            ),
+                        ),
+                        Ok(_) => {}
+                        Err(e) => self.event("gc.error", "daemon", Some(number), e.to_string()),
+                    }
+                }
                 self.wake.notify_one();
                 Ok(Reply::Done {
                     message: format!("Generation {number} is active."),

@@ -331,3 +331,28 @@ async fn a_second_change_is_refused_while_one_runs_and_names_it() {
     );
     assert_eq!(s.engine.store().lease("rollout").unwrap(), None, "released");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_the_declared_number_of_generations() {
+    let s = setup(1).await;
+    for greeting in ["a", "b", "c", "d"] {
+        write_spec(&s.dir, greeting, 1);
+        let spec = std::fs::read_to_string(s.dir.join("kiln.toml")).unwrap();
+        std::fs::write(
+            s.dir.join("kiln.toml"),
+            format!("{spec}\n[policy]\nkeep_generations = 2\n"),
+        )
+        .unwrap();
+        apply(&s).await.unwrap();
+    }
+    let numbers: Vec<u64> = s
+        .engine
+        .store()
+        .list_generations()
+        .unwrap()
+        .iter()
+        .map(|g| g.number)
+        .collect();
+    assert_eq!(numbers, [3, 4], "the newest two stay");
+    assert_eq!(status_of(&s, 4), GenerationStatus::Active);
+}
