@@ -204,10 +204,13 @@ impl Engine {
                 .list_instances(None)
                 .map(|r| r.into_iter().map(|r| r.id).collect())
                 .unwrap_or_default();
+            let active = self.active().ok().flatten();
             let stops = ids.into_iter().map(|id| {
                 let this = self.clone();
+                // Each service's own stop_grace.
+                let grace = active.as_ref().map(|(_, g)| this.grace_of(&id, g));
                 async move {
-                    if let Err(e) = this.destroy(&id, None).await {
+                    if let Err(e) = this.destroy(&id, grace).await {
                         this.event("instance.error", format!("instance/{id}"), None, e);
                     }
                 }

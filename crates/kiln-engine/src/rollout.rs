@@ -612,7 +612,7 @@ impl Engine {
         Ok(())
     }
 
-    fn grace_of(&self, id: &str, generation: &Generation) -> Duration {
+    pub(crate) fn grace_of(&self, id: &str, generation: &Generation) -> Duration {
         let service = self.record(id).map(|r| r.service);
         service
             .and_then(|s| generation.spec.services.get(&s).map(|s| s.stop_grace))

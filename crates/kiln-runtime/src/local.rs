@@ -98,7 +98,19 @@ pub(crate) trait Mode: Send + Sync {
 pub(crate) struct Local<M> {
     pub state_dir: PathBuf,
     pub mode: M,
+    /// Recent digests of image roots, by root: every instance of an image
+    /// shares one read-only root, so a drift pass over many instances
+    /// hashes it once, not once per instance.
+    pub root_cache: RootCache,
 }
+
+/// See [`Local::root_cache`]: entries live [`ROOT_CACHE_TTL`].
+pub(crate) type RootCache = std::sync::Mutex<
+    std::collections::HashMap<PathBuf, (std::time::Instant, std::sync::Arc<crate::root::Manifest>)>,
+>;
+
+/// How long a root's digests are reused by `verify`.
+const ROOT_CACHE_TTL: Duration = Duration::from_secs(5);
 
 impl<M> Local<M> {
     /// The instance's cgroup name: its id and a digest of this driver's
@@ -512,13 +524,31 @@ impl<M: Mode> Local<M> {
         crate::exec::run(id, cmd, argv, timeout, |_| {})
     }
 
+    fn root_manifest(&self, root: &Path) -> std::io::Result<std::sync::Arc<crate::root::Manifest>> {
+        let now = std::time::Instant::now();
+        if let Some((at, m)) = self
+            .root_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(root)
+            && now.duration_since(*at) < ROOT_CACHE_TTL
+        {
+            return Ok(m.clone());
+        }
+        let manifest = std::sync::Arc::new(crate::root::manifest(root)?);
+        let mut cache = self.root_cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.retain(|_, (at, _)| now.duration_since(*at) < ROOT_CACHE_TTL);
+        cache.insert(root.to_path_buf(), (now, manifest.clone()));
+        Ok(manifest)
+    }
+
     pub fn verify(&self, id: &str) -> Result<Vec<Drift>, RuntimeError> {
         let rec = self.load(id)?;
         let root = &rec.config.image.rootfs;
         let recorded =
             crate::root::recorded_manifest(&self.state_dir, &rec.config.image.digest, root)
                 .map_err(io(id, "read the digests of its root"))?;
-        let now = crate::root::manifest(root).map_err(io(id, "hash its root"))?;
+        let now = self.root_manifest(root).map_err(io(id, "hash its root"))?;
         let mut drift = crate::root::diff(&recorded, &now);
         if let (Some(s), InstanceState::Running { .. }) = (&rec.started, self.state_of(&rec))
             && !alive(s.pid, s.pid_start)

@@ -108,6 +108,7 @@ impl Process {
         Ok(Process {
             inner: Local {
                 state_dir,
+                root_cache: Default::default(),
                 mode: ProcessMode,
             },
         })

@@ -434,6 +434,7 @@ impl Sandbox {
         Ok(Sandbox {
             inner: Local {
                 state_dir,
+                root_cache: Default::default(),
                 mode: SandboxMode {
                     options,
                     cgroups,
