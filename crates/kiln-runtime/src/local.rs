@@ -104,9 +104,18 @@ pub(crate) struct Local<M> {
     pub root_cache: RootCache,
 }
 
-/// See [`Local::root_cache`]: entries live [`ROOT_CACHE_TTL`].
+/// See [`Local::root_cache`]: an entry serves each instance once (a second
+/// `verify` of the same instance hashes again, so a check right after a
+/// change sees it) and lives at most [`ROOT_CACHE_TTL`].
 pub(crate) type RootCache = std::sync::Mutex<
-    std::collections::HashMap<PathBuf, (std::time::Instant, std::sync::Arc<crate::root::Manifest>)>,
+    std::collections::HashMap<
+        PathBuf,
+        (
+            std::time::Instant,
+            std::sync::Arc<crate::root::Manifest>,
+            std::collections::HashSet<String>,
+        ),
+    >,
 >;
 
 /// How long a root's digests are reused by `verify`.
@@ -524,21 +533,26 @@ impl<M: Mode> Local<M> {
         crate::exec::run(id, cmd, argv, timeout, |_| {})
     }
 
-    fn root_manifest(&self, root: &Path) -> std::io::Result<std::sync::Arc<crate::root::Manifest>> {
+    fn root_manifest(
+        &self,
+        id: &str,
+        root: &Path,
+    ) -> std::io::Result<std::sync::Arc<crate::root::Manifest>> {
         let now = std::time::Instant::now();
-        if let Some((at, m)) = self
-            .root_cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(root)
-            && now.duration_since(*at) < ROOT_CACHE_TTL
         {
-            return Ok(m.clone());
+            let mut cache = self.root_cache.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((at, m, served)) = cache.get_mut(root)
+                && now.duration_since(*at) < ROOT_CACHE_TTL
+                && served.insert(id.to_owned())
+            {
+                return Ok(m.clone());
+            }
         }
         let manifest = std::sync::Arc::new(crate::root::manifest(root)?);
         let mut cache = self.root_cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.retain(|_, (at, _)| now.duration_since(*at) < ROOT_CACHE_TTL);
-        cache.insert(root.to_path_buf(), (now, manifest.clone()));
+        cache.retain(|_, (at, _, _)| now.duration_since(*at) < ROOT_CACHE_TTL);
+        let served = std::collections::HashSet::from([id.to_owned()]);
+        cache.insert(root.to_path_buf(), (now, manifest.clone(), served));
         Ok(manifest)
     }
 
@@ -548,7 +562,9 @@ impl<M: Mode> Local<M> {
         let recorded =
             crate::root::recorded_manifest(&self.state_dir, &rec.config.image.digest, root)
                 .map_err(io(id, "read the digests of its root"))?;
-        let now = self.root_manifest(root).map_err(io(id, "hash its root"))?;
+        let now = self
+            .root_manifest(id, root)
+            .map_err(io(id, "hash its root"))?;
         let mut drift = crate::root::diff(&recorded, &now);
         if let (Some(s), InstanceState::Running { .. }) = (&rec.started, self.state_of(&rec))
             && !alive(s.pid, s.pid_start)
