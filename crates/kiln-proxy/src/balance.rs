@@ -4,13 +4,14 @@
 //! it in. Round-robin is nginx's smooth weighted algorithm, computed once per
 //! set into a sequence of picks, so the request path is one `fetch_add`.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
 use crate::config::{Backend, LoadBalance};
 use crate::http::UpBody;
@@ -27,25 +28,96 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// connection the backend is closing.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
-pub(crate) type HttpClient = Client<HttpConnector, UpBody>;
+/// A connection to a backend, ready for one request.
+pub(crate) type Sender = http1::SendRequest<UpBody>;
 
-/// The keep-alive pool to one backend address. Each backend has its own, so
-/// when a removed backend's last request ends the pool is dropped and its
-/// idle connections close.
+/// The keep-alive pool to one backend address: idle HTTP/1.1 connections,
+/// last in first out. Each backend has its own, so when a removed backend's
+/// last request ends the pool is dropped and its idle connections close.
+/// A request checks a connection out, and the response body's end puts it
+/// back: no task per request, no pool key, no URI rewriting.
 #[derive(Debug, Default)]
-pub(crate) struct ClientCell(OnceLock<HttpClient>);
+pub(crate) struct ClientCell {
+    idle: Mutex<Vec<(Sender, Instant)>>,
+    reaper: OnceLock<()>,
+}
+
+/// Why a connection could not be had.
+#[derive(Debug)]
+pub(crate) enum ConnectError {
+    Io(std::io::Error),
+    TimedOut,
+    Handshake(hyper::Error),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Io(e) => write!(f, "connect: {e}"),
+            ConnectError::TimedOut => write!(f, "connect: timed out after {CONNECT_TIMEOUT:?}"),
+            ConnectError::Handshake(e) => write!(f, "connect: {e}"),
+        }
+    }
+}
 
 impl ClientCell {
-    pub(crate) fn get(&self) -> &HttpClient {
-        self.0.get_or_init(|| {
-            let mut connector = HttpConnector::new();
-            connector.set_nodelay(true);
-            connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-                .pool_timer(TokioTimer::new())
-                .build(connector)
-        })
+    /// An idle connection that is still open (and whether it was reused), or
+    /// a new one.
+    pub(crate) async fn checkout(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+    ) -> Result<(Sender, bool), ConnectError> {
+        loop {
+            let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let Some((mut sender, since)) = idle else {
+                break;
+            };
+            if since.elapsed() >= POOL_IDLE_TIMEOUT || sender.is_closed() {
+                continue;
+            }
+            // Put back right after the response body ended: the
+            // connection's task may not have asked for the next request yet.
+            if sender.ready().await.is_ok() {
+                return Ok((sender, true));
+            }
+        }
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(ConnectError::Io(e)),
+            Err(_) => return Err(ConnectError::TimedOut),
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(ConnectError::Handshake)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        self.reaper.get_or_init(|| {
+            let weak = Arc::downgrade(self);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(POOL_IDLE_TIMEOUT / 4);
+                loop {
+                    tick.tick().await;
+                    let Some(cell) = weak.upgrade() else { return };
+                    cell.idle
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .retain(|(s, since)| since.elapsed() < POOL_IDLE_TIMEOUT && !s.is_closed());
+                }
+            });
+        });
+        Ok((sender, false))
+    }
+
+    /// Returns a connection whose response was read to the end.
+    pub(crate) fn checkin(&self, sender: Sender) {
+        if !sender.is_closed() {
+            self.idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((sender, Instant::now()));
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
@@ -20,9 +21,9 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::balance::BackendSet;
+use crate::balance::{BackendSet, ClientCell, ConnectError, Sender};
 use crate::route::{ConnGuard, RouteShared};
-use crate::stats::{BackendCounters, CLASS_4XX, CLASS_5XX, InFlightGuard, class_of};
+use crate::stats::{BackendCounters, CLASS_5XX, InFlightGuard, class_of};
 
 /// Slowloris bound: a request head must arrive within this time.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,10 +48,13 @@ pub(crate) async fn serve(
     let _ = stream.set_nodelay(true);
     let seen_request = Arc::new(AtomicBool::new(false));
     let seen = seen_request.clone();
+    // X-Forwarded-For for requests that bring none: made once per connection.
+    let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).ok();
     let service = service_fn(move |req| {
         seen.store(true, Ordering::Relaxed);
         let route = route.clone();
-        async move { Ok::<_, Infallible>(handle(&route, req, peer, over_limit).await) }
+        let peer_ip = peer_ip.clone();
+        async move { Ok::<_, Infallible>(handle(&route, req, peer, peer_ip, over_limit).await) }
     });
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -144,10 +148,7 @@ impl Body for UpBody {
 #[derive(Debug)]
 pub(crate) enum ProxyBody {
     Full(Option<Bytes>),
-    Upstream {
-        inner: Incoming,
-        _done: ResponseDone,
-    },
+    Upstream { inner: Incoming, done: ResponseDone },
 }
 
 impl Body for ProxyBody {
@@ -160,7 +161,15 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ProxyBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ProxyBody::Upstream { inner, .. } => Pin::new(inner).poll_frame(cx),
+            ProxyBody::Upstream { inner, done } => {
+                let frame = Pin::new(&mut *inner).poll_frame(cx);
+                match &frame {
+                    Poll::Ready(None) => done.reusable(),
+                    Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => done.reusable(),
+                    _ => {}
+                }
+                frame
+            }
         }
     }
 
@@ -188,6 +197,17 @@ pub(crate) struct ResponseDone {
     _in_flight: InFlightGuard,
     counters: Arc<BackendCounters>,
     started: Instant,
+    /// The backend connection, back to its pool once the body has ended
+    /// (otherwise it is dropped, and closes after this response).
+    conn: Option<(Arc<ClientCell>, Sender)>,
+}
+
+impl ResponseDone {
+    fn reusable(&mut self) {
+        if let Some((cell, sender)) = self.conn.take() {
+            cell.checkin(sender);
+        }
+    }
 }
 
 impl Drop for ResponseDone {
@@ -279,8 +299,11 @@ fn is_idempotent(method: &Method) -> bool {
 /// had just timed out) before any byte of the response: hyper's incomplete
 /// message, a canceled request, or a reset/aborted socket. The request
 /// future failing means no response head reached the proxy.
-fn closed_before_response(error: &hyper_util::client::legacy::Error) -> bool {
+fn closed_before_response(error: &hyper::Error) -> bool {
     use std::io::ErrorKind;
+    if error.is_incomplete_message() || error.is_canceled() {
+        return true;
+    }
     let mut source = error.source();
     while let Some(e) = source {
         if let Some(h) = e.downcast_ref::<hyper::Error>()
@@ -304,7 +327,7 @@ fn closed_before_response(error: &hyper_util::client::legacy::Error) -> bool {
     false
 }
 
-fn cause(error: &hyper_util::client::legacy::Error) -> String {
+fn cause(error: &(dyn std::error::Error + 'static)) -> String {
     let mut out = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {
@@ -315,14 +338,25 @@ fn cause(error: &hyper_util::client::legacy::Error) -> String {
     out
 }
 
-fn forwarded_headers(parts: &http::request::Parts, peer: SocketAddr) -> HeaderMap {
-    let mut headers = parts.headers.clone();
+fn forwarded_headers(
+    parts: &mut http::request::Parts,
+    peer: SocketAddr,
+    peer_ip: Option<HeaderValue>,
+) -> HeaderMap {
+    let mut headers = std::mem::take(&mut parts.headers);
     strip_hop_by_hop(&mut headers);
     if !headers.contains_key(header::HOST)
         && let Some(authority) = parts.uri.authority()
         && let Ok(v) = HeaderValue::from_str(authority.as_str())
     {
         headers.insert(header::HOST, v);
+    }
+    if !headers.contains_key("x-forwarded-for")
+        && let Some(v) = peer_ip
+    {
+        headers.insert("x-forwarded-for", v);
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        return headers;
     }
     let previous: Vec<String> = headers
         .get_all("x-forwarded-for")
@@ -346,6 +380,7 @@ async fn handle(
     route: &RouteShared,
     req: Request<Incoming>,
     peer: SocketAddr,
+    peer_ip: Option<HeaderValue>,
     over_limit: bool,
 ) -> Response<ProxyBody> {
     let config = route.config.load_full();
@@ -381,16 +416,16 @@ async fn handle(
         );
     }
 
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let body_empty = body.is_end_stream();
     let hint = body.size_hint();
-    let slot = Arc::new(Mutex::new(Some(body)));
-    let headers = forwarded_headers(&parts, peer);
+    let slot = (!body_empty).then(|| Arc::new(Mutex::new(Some(body))));
+    let mut headers = forwarded_headers(&mut parts, peer, peer_ip);
     let path = parts
         .uri
         .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let retry_closed = is_idempotent(&parts.method) && body_empty;
     let deadline = tokio::time::Instant::now() + config.request_timeout;
 
@@ -402,25 +437,19 @@ async fn handle(
         let entry = &set.entries[i];
         let in_flight = InFlightGuard::new(entry.gauge.clone());
         let started = Instant::now();
-        let uri: Uri = match format!("http://{}{}", entry.backend.addr, path).parse() {
-            Ok(uri) => uri,
-            Err(_) => {
-                route.counters.record_local(CLASS_4XX);
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    format!("kiln: route {name}: the request target is not valid"),
-                    None,
-                );
-            }
-        };
-        let up_body = if body_empty {
-            UpBody::Empty
-        } else {
-            UpBody::Slot {
+        let uri = Uri::from(path.clone());
+        if !headers.contains_key(header::HOST)
+            && let Ok(v) = HeaderValue::from_str(&entry.backend.addr.to_string())
+        {
+            headers.insert(header::HOST, v);
+        }
+        let up_body = match &slot {
+            None => UpBody::Empty,
+            Some(slot) => UpBody::Slot {
                 slot: slot.clone(),
                 taken: None,
                 hint,
-            }
+            },
         };
         let mut upstream = Request::new(up_body);
         *upstream.method_mut() = parts.method.clone();
@@ -428,9 +457,28 @@ async fn handle(
         *upstream.version_mut() = Version::HTTP_11;
         *upstream.headers_mut() = headers.clone();
 
-        let attempt = entry.client.get().request(upstream);
+        let attempt = async {
+            let addr = entry.backend.addr;
+            let (mut sender, mut reused) =
+                entry.client.checkout(addr).await.map_err(Failed::Connect)?;
+            let mut req = upstream;
+            loop {
+                match sender.try_send_request(req).await {
+                    Ok(response) => return Ok((response, sender)),
+                    Err(mut e) => match e.take_message() {
+                        // Never sent: a pooled connection that just closed.
+                        Some(r) if reused => {
+                            req = r;
+                            (sender, reused) =
+                                entry.client.checkout(addr).await.map_err(Failed::Connect)?;
+                        }
+                        _ => return Err(Failed::Send(e.into_error())),
+                    },
+                }
+            }
+        };
         match tokio::time::timeout_at(deadline, attempt).await {
-            Ok(Ok(response)) => {
+            Ok(Ok((response, sender))) => {
                 let class = class_of(response.status().as_u16());
                 entry.counters.record(class);
                 route.counters.record(class);
@@ -439,38 +487,38 @@ async fn handle(
                 if let Ok(v) = HeaderValue::from_str(&entry.backend.id) {
                     rparts.headers.insert(BACKEND_HEADER, v);
                 }
-                let done = ResponseDone {
+                let mut done = ResponseDone {
                     _in_flight: in_flight,
                     counters: entry.counters.clone(),
                     started,
+                    conn: Some((entry.client.clone(), sender)),
                 };
-                return Response::from_parts(
-                    rparts,
-                    ProxyBody::Upstream {
-                        inner: rbody,
-                        _done: done,
-                    },
-                );
-            }
-            Ok(Err(error)) => {
-                let id = &entry.backend.id;
-                let body_unsent =
-                    body_empty || slot.lock().unwrap_or_else(|e| e.into_inner()).is_some();
-                if error.is_connect() {
-                    entry
-                        .counters
-                        .connect_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    route
-                        .counters
-                        .connect_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    failure = Some(format!("instance {id}: {}", cause(&error)));
-                    if body_unsent {
-                        continue;
-                    }
-                    break;
+                if rbody.is_end_stream() {
+                    done.reusable();
                 }
+                return Response::from_parts(rparts, ProxyBody::Upstream { inner: rbody, done });
+            }
+            Ok(Err(Failed::Connect(error))) => {
+                let id = &entry.backend.id;
+                let body_unsent = slot
+                    .as_ref()
+                    .is_none_or(|s| s.lock().unwrap_or_else(|e| e.into_inner()).is_some());
+                entry
+                    .counters
+                    .connect_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                route
+                    .counters
+                    .connect_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                failure = Some(format!("instance {id}: {error}"));
+                if body_unsent {
+                    continue;
+                }
+                break;
+            }
+            Ok(Err(Failed::Send(error))) => {
+                let id = &entry.backend.id;
                 entry.counters.record(CLASS_5XX);
                 failure = Some(format!("instance {id}: {}", cause(&error)));
                 if retry_closed && closed_before_response(&error) {
@@ -512,6 +560,14 @@ async fn handle(
     )
 }
 
+/// How an attempt failed.
+enum Failed {
+    /// No connection: nothing was sent.
+    Connect(ConnectError),
+    /// Sending the request or reading the response head.
+    Send(hyper::Error),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -537,8 +593,8 @@ mod tests {
             .header("x-forwarded-for", "10.0.0.1")
             .body(())
             .unwrap();
-        let (parts, ()) = req.into_parts();
-        let h = forwarded_headers(&parts, "192.0.2.7:5555".parse().unwrap());
+        let (mut parts, ()) = req.into_parts();
+        let h = forwarded_headers(&mut parts, "192.0.2.7:5555".parse().unwrap(), None);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["host"], "example.test");
