@@ -22,7 +22,7 @@
 #          10 s of the start toward their crash-loop backoff.
 #   apply  wall time of `kiln apply -y` after a config change (env), minus
 #          the await-healthy steps of the engine's journal; images are built
-#          before. docker compose is not installed here: the peer is a loop
+#          before. the peer is a loop (docker compose is optional on Debian; bench/zero-loss.sh uses it when present)
 #          of `docker run -d` (and `docker rm -f` first, to replace).
 #   idle   /proc/PID/status VmRSS and utime+stime over IDLE_SECONDS (60) of
 #          the daemon, its supervisors (its children) and the instances;
