@@ -15,6 +15,8 @@
 //! They need root (sandbox driver, tmpfs mounts) and Docker Engine: without
 //! them they are skipped loudly, or fail when `KILN_STRICT_TESTS=true`.
 
+#[path = "support/env.rs"]
+mod env;
 #[path = "crash/harness.rs"]
 mod harness;
 

@@ -42,16 +42,19 @@
 mod load;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+#[path = "support/env.rs"]
+mod env;
+
 use crate::load::{Check, Client, Load, Mode, Report, Response};
+use env::{hello_binary, may_run as can_run, repo, sandbox_unavailable, say, show, text};
 
 /// Rollouts per strategy, in this order.
 const PLAN: [(Strategy, usize); 3] = [
@@ -68,98 +71,7 @@ const COMMAND_LIMIT: Duration = Duration::from_secs(180);
 
 // ---- environment --------------------------------------------------------
 
-fn strict() -> bool {
-    std::env::var("KILN_STRICT_TESTS").is_ok_and(|v| v == "true")
-}
-
-/// Writes straight to fd 2: libtest captures `eprintln!` of passing tests.
-fn say(msg: &str) {
-    let _ = std::io::stderr().write_all(format!("{msg}\n").as_bytes());
-}
-
-/// `false` (after saying why loudly) when the test cannot run here; panics
-/// instead in strict mode.
-fn can_run(test: &str, why_not: Option<String>) -> bool {
-    match why_not {
-        None => true,
-        Some(why) if strict() => panic!("KILN_STRICT_TESTS=true and {test} cannot run: {why}"),
-        Some(why) => {
-            say(&format!(
-                "\n!!!!! SKIPPED zero_loss::{test}: {why}; set KILN_STRICT_TESTS=true to make this a failure !!!!!\n"
-            ));
-            false
-        }
-    }
-}
-
-/// Why the sandbox driver cannot run here, if it cannot.
-fn sandbox_unavailable() -> Option<String> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let uid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned));
-    if uid.as_deref() != Some("0") {
-        return Some("not root: the sandbox driver needs root".into());
-    }
-    if !Path::new("/sys/fs/cgroup").is_dir() {
-        return Some("no /sys/fs/cgroup: the sandbox driver needs cgroups".into());
-    }
-    None
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The example's service binary, built from the workspace (`hello`) next to
-/// the kiln binary under test.
-fn hello_binary() -> &'static Path {
-    static HELLO: OnceLock<PathBuf> = OnceLock::new();
-    HELLO.get_or_init(|| {
-        let kiln = PathBuf::from(env!("CARGO_BIN_EXE_kiln"));
-        let profile_dir = kiln.parent().expect("the kiln binary is in a directory");
-        let hello = profile_dir.join("hello");
-        let target_dir = profile_dir.parent().expect("target dir");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build
-            .args(["build", "--quiet", "-p", "hello"])
-            .current_dir(repo())
-            .env("CARGO_TARGET_DIR", target_dir);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        match build.status() {
-            Ok(s) if s.success() => {}
-            other if hello.is_file() => say(&format!(
-                "zero_loss: `cargo build -p hello` failed ({other:?}); using the existing {}",
-                hello.display()
-            )),
-            other => panic!(
-                "cannot build the example service (`cargo build -p hello`: {other:?}) and {} does not exist",
-                hello.display()
-            ),
-        }
-        assert!(hello.is_file(), "{} was not built", hello.display());
-        hello
-    })
-}
-
 // ---- processes ----------------------------------------------------------
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    )
-}
 
 /// Runs `cmd` to the end, or kills it past `limit` (`None` then).
 fn run(cmd: &mut Command, limit: Duration) -> Option<Output> {

@@ -7,101 +7,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use kiln_engine::api::Status;
 use serde_json::Value;
 
+pub use crate::env::{hello_binary, is_root, may_run, sandbox_unavailable, say, show, text};
+
 /// How long any condition may take to come true (tests run in parallel on
 /// small machines; a killed daemon's lease lasts 15 s).
 pub const DEADLINE: Duration = Duration::from_secs(90);
-
-pub fn strict() -> bool {
-    std::env::var("KILN_STRICT_TESTS").is_ok_and(|v| v == "true")
-}
-
-/// Straight to fd 2: libtest captures `eprintln!` of passing tests.
-pub fn say(msg: &str) {
-    let _ = std::io::stderr().write_all(format!("{msg}\n").as_bytes());
-}
-
-/// Whether a test that needs `what` may run: `why` is `Some` when it cannot.
-/// Fails in strict mode, else skips loudly.
-pub fn may_run(test: &str, why: Option<String>) -> bool {
-    let Some(why) = why else { return true };
-    assert!(
-        !strict(),
-        "{test}: {why}, and KILN_STRICT_TESTS=true (scripts/test runs as root and starts dockerd)"
-    );
-    say(&format!(
-        "\n!!!!! SKIPPED {test}: {why}; set KILN_STRICT_TESTS=true to make this a failure !!!!!\n"
-    ));
-    false
-}
-
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
-        .unwrap_or(false)
-}
-
-/// Why the sandbox driver cannot run here, if it cannot.
-pub fn sandbox_unavailable() -> Option<String> {
-    if !is_root() {
-        return Some("not root: the sandbox driver needs root".into());
-    }
-    if !Path::new("/sys/fs/cgroup").is_dir() {
-        return Some("no /sys/fs/cgroup: the sandbox driver needs cgroups".into());
-    }
-    None
-}
-
-/// The example's service, compiled once per test run with rustc (it is
-/// std-only) into the target's temporary directory.
-pub fn hello_binary() -> &'static Path {
-    static HELLO: OnceLock<PathBuf> = OnceLock::new();
-    HELLO.get_or_init(|| {
-        let src =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello/app/src/main.rs");
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("crash-hello-{}", std::process::id()));
-        let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-        let built = Command::new(&rustc)
-            .args(["--edition", "2024", "-O", "--crate-name", "hello"])
-            .arg(&src)
-            .arg("-o")
-            .arg(&out)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {rustc}: {e}"));
-        assert!(
-            built.status.success(),
-            "cannot compile {}: {}",
-            src.display(),
-            text(&built.stderr)
-        );
-        out
-    })
-}
-
-pub fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-pub fn show(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    )
-}
 
 /// `GET path` over a fresh connection; the body of a 200 answer.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
