@@ -319,9 +319,8 @@ pub fn spawn_monitor(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
-    use kiln_runtime::{ExecScript, Fake, ImageRef, InstanceConfig, Limits};
+    use kiln_runtime::{ExecScript, Fake, InstanceConfig};
     use tokio::net::TcpListener;
 
     use super::*;
@@ -568,25 +567,7 @@ mod tests {
     }
 
     fn config(id: &str) -> InstanceConfig {
-        InstanceConfig {
-            id: id.into(),
-            service: "web".into(),
-            image: ImageRef {
-                digest: "sha256:00".into(),
-                rootfs: "/nonexistent".into(),
-                docker_archive: None,
-            },
-            argv: vec!["/app".into()],
-            env: BTreeMap::new(),
-            workdir: None,
-            user: None,
-            files: vec![],
-            volumes: vec![],
-            resources: Limits::default(),
-            log_dir: "/nonexistent".into(),
-            log_max_bytes: 1024,
-            labels: BTreeMap::new(),
-        }
+        InstanceConfig::placeholder(id)
     }
 
     #[tokio::test]

@@ -600,13 +600,7 @@ impl Driver for DockerDriver {
     ) -> Result<ExecOutput, RuntimeError> {
         use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
         self.info(id)?.state.ensure_can_exec(id)?;
-        if argv.is_empty() {
-            return Err(RuntimeError::Setup {
-                id: id.into(),
-                what: "exec: the command is empty".into(),
-                hint: "give a program to run".into(),
-            });
-        }
+        crate::exec::ensure_command(id, argv)?;
         let deadline = tokio::time::Instant::now() + timeout;
         let exec_id = self
             .rt

@@ -20,6 +20,18 @@ pub(crate) fn push_capped(buf: &mut Vec<u8>, data: &[u8]) {
 }
 
 /// `argv` as one line for messages.
+/// Every driver refuses an empty command the same way.
+pub(crate) fn ensure_command(id: &str, argv: &[String]) -> Result<(), RuntimeError> {
+    if argv.is_empty() {
+        return Err(RuntimeError::Setup {
+            id: id.into(),
+            what: "exec: the command is empty".into(),
+            hint: "give a program to run".into(),
+        });
+    }
+    Ok(())
+}
+
 pub(crate) fn display(argv: &[String]) -> String {
     argv.join(" ")
 }

@@ -356,28 +356,9 @@ impl Driver for Fake {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{ImageRef, Limits};
 
     fn config(id: &str) -> InstanceConfig {
-        InstanceConfig {
-            id: id.into(),
-            service: "web".into(),
-            image: ImageRef {
-                digest: "sha256:00".into(),
-                rootfs: "/nonexistent".into(),
-                docker_archive: None,
-            },
-            argv: vec!["/app".into()],
-            env: BTreeMap::new(),
-            workdir: None,
-            user: None,
-            files: vec![],
-            volumes: vec![],
-            resources: Limits::default(),
-            log_dir: "/nonexistent".into(),
-            log_max_bytes: 1024,
-            labels: BTreeMap::new(),
-        }
+        InstanceConfig::placeholder(id)
     }
 
     #[test]

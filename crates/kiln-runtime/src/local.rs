@@ -511,13 +511,7 @@ impl<M: Mode> Local<M> {
     ) -> Result<ExecOutput, RuntimeError> {
         let rec = self.load(id)?;
         self.state_of(&rec).ensure_can_exec(id)?;
-        if argv.is_empty() {
-            return Err(setup(
-                id,
-                "exec: the command is empty",
-                "give a program to run",
-            ));
-        }
+        crate::exec::ensure_command(id, argv)?;
         let Some(s) = rec.started.as_ref().filter(|s| alive(s.pid, s.pid_start)) else {
             return Err(setup(
                 id,

@@ -720,13 +720,7 @@ impl Driver for OciDriver {
         timeout: Duration,
     ) -> Result<ExecOutput, RuntimeError> {
         self.info(id)?.state.ensure_can_exec(id)?;
-        if argv.is_empty() {
-            return Err(RuntimeError::Setup {
-                id: id.into(),
-                what: "exec: the command is empty".into(),
-                hint: "give a program to run".into(),
-            });
-        }
+        crate::exec::ensure_command(id, argv)?;
         let bundle = self.bundle(id);
         let pid_file = tempfile_name(&bundle, "exec", "pid");
         let mut cmd = match self.runtime {

@@ -37,6 +37,33 @@ pub struct InstanceConfig {
     pub labels: BTreeMap<String, String>,
 }
 
+impl InstanceConfig {
+    /// A minimal config for tests of code that only passes configs around
+    /// (the fake driver, the engine's health checks): nothing in it exists.
+    #[doc(hidden)]
+    pub fn placeholder(id: &str) -> InstanceConfig {
+        InstanceConfig {
+            id: id.into(),
+            service: "web".into(),
+            image: ImageRef {
+                digest: "sha256:00".into(),
+                rootfs: "/nonexistent".into(),
+                docker_archive: None,
+            },
+            argv: vec!["/app".into()],
+            env: BTreeMap::new(),
+            workdir: None,
+            user: None,
+            files: vec![],
+            volumes: vec![],
+            resources: Limits::default(),
+            log_dir: "/nonexistent".into(),
+            log_max_bytes: 1024,
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
 /// The image an instance runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRef {
