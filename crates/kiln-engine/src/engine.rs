@@ -204,7 +204,7 @@ impl Engine {
                 .list_instances(None)
                 .map(|r| r.into_iter().map(|r| r.id).collect())
                 .unwrap_or_default();
-            let active = self.active().ok().flatten();
+            let active = self.active_generation();
             let stops = ids.into_iter().map(|id| {
                 let this = self.clone();
                 // Each service's own stop_grace.
@@ -348,6 +348,11 @@ impl Engine {
             });
         }
         Ok(observed)
+    }
+
+    /// The active generation, if one is and it can be read.
+    pub fn active_generation(&self) -> Option<(u64, Generation)> {
+        self.active_generation()
     }
 
     pub(crate) fn active(&self) -> Result<Option<(u64, Generation)>, EngineError> {
@@ -1164,16 +1169,7 @@ fn probe_for(check: &model::Health, ports: &BTreeMap<String, u16>) -> Result<Pro
         model::HealthCheck::Tcp { port } => Probe::Tcp { addr: addr(port)? },
         model::HealthCheck::Exec { command } => {
             // `${PORT}` and `${PORT_<NAME>}` are the instance's own ports.
-            let mut env = BTreeMap::new();
-            for (name, port) in ports {
-                env.insert(
-                    format!("PORT_{}", crate::instance::env_name(name)),
-                    port.to_string(),
-                );
-            }
-            if let Some(port) = crate::instance::main_port(ports) {
-                env.insert("PORT".to_owned(), port.to_string());
-            }
+            let env = crate::instance::port_env(ports);
             Probe::Exec {
                 argv: command
                     .iter()

@@ -238,12 +238,7 @@ impl Materials {
             let value = self.secret_value(source, &BTreeMap::new())?;
             env.insert(var.clone(), value);
         }
-        for (name, port) in ports {
-            env.insert(format!("PORT_{}", env_name(name)), port.to_string());
-        }
-        if let Some(port) = main_port(ports) {
-            env.insert("PORT".into(), port.to_string());
-        }
+        env.extend(port_env(ports));
         env.insert("KILN_SERVICE".into(), service.to_owned());
         env.insert("KILN_INSTANCE".into(), id.to_owned());
         env.insert("KILN_GENERATION".into(), number.to_string());
@@ -348,6 +343,18 @@ impl Materials {
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         Ok(path)
     }
+}
+
+/// `PORT_<NAME>` for every port and `PORT` for the main one.
+pub fn port_env(ports: &BTreeMap<String, u16>) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> = ports
+        .iter()
+        .map(|(name, port)| (format!("PORT_{}", env_name(name)), port.to_string()))
+        .collect();
+    if let Some(port) = main_port(ports) {
+        env.insert("PORT".into(), port.to_string());
+    }
+    env
 }
 
 /// The port passed as `PORT`: the only one, or the one named `http`.

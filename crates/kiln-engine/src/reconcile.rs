@@ -225,7 +225,7 @@ impl Engine {
     /// (the reconciler replaces them) and unknown instances are removed.
     pub async fn check_drift(self: &Arc<Self>, act: bool) -> Vec<DriftFinding> {
         let mut findings = Vec::new();
-        let active = self.active().ok().flatten();
+        let active = self.active_generation();
         let records = self.store.list_instances(None).unwrap_or_default();
         let listed = self.blocking(|d| d.list()).await.unwrap_or_default();
         for info in &listed {

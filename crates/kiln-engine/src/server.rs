@@ -340,10 +340,8 @@ async fn logs(
 ) -> Result<(), String> {
     let ids = engine.instances_of(service).map_err(|e| e.to_string())?;
     let declared = engine
-        .status()
-        .await
-        .map(|s| s.services.iter().any(|x| x.name == service))
-        .unwrap_or(false);
+        .active_generation()
+        .is_some_and(|(_, g)| g.spec.services.contains_key(service));
     if ids.is_empty() && !declared {
         return Err(format!(
             "no service `{service}` runs here\n  hint: `kiln status` lists the services"
