@@ -352,7 +352,7 @@ impl Engine {
 
     /// The active generation, if one is and it can be read.
     pub fn active_generation(&self) -> Option<(u64, Generation)> {
-        self.active_generation()
+        self.active().ok().flatten()
     }
 
     pub(crate) fn active(&self) -> Result<Option<(u64, Generation)>, EngineError> {
