@@ -396,6 +396,8 @@ mod tests {
             user: None,
             labels: BTreeMap::new(),
             expose: vec![],
+            users: vec![],
+            dirs: vec![],
         };
         let mut layer = Layer::new();
         let mut file = LayerEntry::file(FileSource::Host("/x".into()), 1, 0o644);

@@ -326,6 +326,8 @@ mod tests {
             user: None,
             labels: Default::default(),
             expose: vec![],
+            users: vec![],
+            dirs: vec![],
         }
     }
 

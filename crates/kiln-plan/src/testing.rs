@@ -52,6 +52,7 @@ pub fn service(image: &str) -> Service {
         resources: Resources::default(),
         drift: DriftPolicy::Replace,
         stop_grace: Duration::from_secs(10),
+        backup: None,
     }
 }
 
@@ -66,6 +67,7 @@ pub fn route(service: &str, listen: &str) -> Route {
         timeout: None,
         max_connections: None,
         balance: Default::default(),
+        error_pages: BTreeMap::new(),
     }
 }
 

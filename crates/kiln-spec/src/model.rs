@@ -42,6 +42,32 @@ pub struct Image {
     pub user: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub expose: Vec<u16>,
+    /// Accounts written to the image's `/etc/passwd` and `/etc/group`
+    /// (what a Debian package's maintainer script would have created).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<User>,
+    /// Directories created in the image with an owner and a mode.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dirs: Vec<ImageDir>,
+}
+
+/// One `users` entry of an image: a user and its primary group (same name).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: String,
+    pub shell: String,
+}
+
+/// One `dirs` entry of an image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageDir {
+    pub path: String,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// Where an image (or a service's image) comes from.
@@ -101,6 +127,20 @@ pub struct Service {
     pub drift: DriftPolicy,
     /// How long a stopping instance gets between SIGTERM and SIGKILL.
     pub stop_grace: Duration,
+    /// Run before the service's instances are replaced, against its volumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<Backup>,
+}
+
+/// `[service.NAME.backup]`: a command run in a fresh instance of the
+/// service (same image, env and volumes, nothing else running on them)
+/// before its instances are replaced; its standard output is stored by
+/// digest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backup {
+    pub command: Vec<String>,
+    /// The command is killed (and the rollout refused) after this long.
+    pub timeout: Duration,
 }
 
 /// Where a secret's value is read from, at apply time. Only a digest of the
@@ -254,6 +294,10 @@ pub struct Route {
     /// How requests are spread over the instances.
     #[serde(default, skip_serializing_if = "Balance::is_default")]
     pub balance: Balance,
+    /// HTTP status → host path (relative to the spec) of the HTML page the
+    /// proxy answers with instead of its own (502, 503, 504).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub error_pages: BTreeMap<u16, String>,
 }
 
 /// A route's load balancing.

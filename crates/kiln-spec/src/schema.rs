@@ -59,6 +59,37 @@ pub struct Image {
     pub user: Option<String>,
     pub labels: Option<BTreeMap<String, String>>,
     pub expose: Option<Vec<u16>>,
+    /// Users written to /etc/passwd and /etc/group (root is always there).
+    pub users: Option<Vec<User>>,
+    /// Directories created in the image with an owner and a mode.
+    pub dirs: Option<Vec<ImageDir>>,
+}
+
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct User {
+    pub name: String,
+    /// 1-65534.
+    pub uid: u32,
+    /// Default: the uid.
+    pub gid: Option<u32>,
+    /// Default "/nonexistent".
+    pub home: Option<String>,
+    /// Default "/usr/sbin/nologin".
+    pub shell: Option<String>,
+}
+
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct ImageDir {
+    /// Absolute path in the image.
+    pub path: String,
+    /// Default 0o755.
+    pub mode: Option<u32>,
+    /// "uid[:gid]" or a name of `users` (default "0:0").
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, JsonSchema)]
@@ -111,6 +142,18 @@ pub struct Service {
     pub resources: Option<Resources>,
     pub drift: Option<DriftPolicy>,
     pub stop_grace: Option<Duration>,
+    /// Run in a fresh instance against the volumes before a replacement.
+    pub backup: Option<Backup>,
+}
+
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct Backup {
+    /// The program and its arguments; its standard output is the backup.
+    pub command: Vec<String>,
+    /// Default "10m".
+    pub timeout: Option<Duration>,
 }
 
 #[derive(Debug, JsonSchema)]
@@ -237,6 +280,8 @@ pub struct Route {
     pub max_connections: Option<u32>,
     /// "round-robin" (default) or "least-requests".
     pub balance: Option<String>,
+    /// "502" | "503" | "504" → HTML file relative to kiln.toml.
+    pub error_pages: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, JsonSchema)]
@@ -281,6 +326,8 @@ pub fn validator_keys() -> Vec<(&'static str, &'static [&'static str])> {
         ("Project", v::PROJECT_KEYS),
         ("Image", v::IMAGE_KEYS),
         ("Copy", v::COPY_KEYS),
+        ("User", v::USER_KEYS),
+        ("ImageDir", v::DIR_KEYS),
         ("Volume", v::VOLUME_KEYS),
         ("Route", v::ROUTE_KEYS),
         ("Runtime", v::RUNTIME_KEYS),
@@ -292,5 +339,6 @@ pub fn validator_keys() -> Vec<(&'static str, &'static [&'static str])> {
         ("Health", s::HEALTH_KEYS),
         ("Deploy", s::DEPLOY_KEYS),
         ("Resources", s::RESOURCE_KEYS),
+        ("Backup", s::BACKUP_KEYS),
     ]
 }

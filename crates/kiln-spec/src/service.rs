@@ -9,8 +9,8 @@ use toml::de::DeValue;
 use crate::check;
 use crate::diag::Diagnostic;
 use crate::model::{
-    Deploy, DriftPolicy, Duration, Health, HealthCheck, Port, Protocol, Resources, SecretSource,
-    Service, Strategy, Volume, VolumeMount,
+    Backup, Deploy, DriftPolicy, Duration, Health, HealthCheck, Port, Protocol, Resources,
+    SecretSource, Service, Strategy, Volume, VolumeMount,
 };
 use crate::read::{Ctx, Table, suggest};
 use crate::validate::{default_strategy, protocol};
@@ -29,7 +29,9 @@ pub(crate) const SERVICE_KEYS: &[&str] = &[
     "resources",
     "drift",
     "stop_grace",
+    "backup",
 ];
+pub(crate) const BACKUP_KEYS: &[&str] = &["command", "timeout"];
 pub(crate) const PORT_KEYS: &[&str] = &["protocol", "container"];
 pub(crate) const MOUNT_KEYS: &[&str] = &["volume", "read_only"];
 pub(crate) const SECRET_KEYS: &[&str] = &["file", "env"];
@@ -179,6 +181,7 @@ pub(crate) fn read_service(
     let stop_grace = t
         .duration(ctx, "stop_grace")
         .unwrap_or(Duration::from_secs(10));
+    let backup = read_backup(ctx, name, t, &mounts);
     Some(Service {
         image: image?,
         replicas,
@@ -193,6 +196,55 @@ pub(crate) fn read_service(
         resources: resources?,
         drift: drift?,
         stop_grace,
+        backup,
+    })
+}
+
+/// `[service.NAME.backup]`: a command and a timeout; the service must write
+/// a volume, or there is nothing to back up.
+fn read_backup(
+    ctx: &mut Ctx,
+    name: &str,
+    t: &Table<'_, '_>,
+    mounts: &BTreeMap<String, VolumeMount>,
+) -> Option<Backup> {
+    let v = t.get("backup")?;
+    let b = Table::of(ctx, v, t.child_path("backup"))?;
+    b.deny_unknown(ctx, BACKUP_KEYS);
+    let command = b.strings(ctx, "command");
+    if b.get("command").is_none() {
+        b.missing(
+            ctx,
+            "command",
+            "name the program whose standard output is the backup, like [\"tar\", \"-C\", \"/data\", \"-cf\", \"-\", \".\"]",
+        );
+    }
+    let timeout = b
+        .duration(ctx, "timeout")
+        .unwrap_or(Duration::from_secs(600));
+    let command = command?;
+    if command.is_empty() {
+        ctx.push(
+            Diagnostic::new(
+                b.key_span("command").unwrap_or(b.span.clone()),
+                format!("`service.{name}.backup.command` cannot be empty"),
+            )
+            .label("empty")
+            .hint("name the program whose standard output is the backup"),
+        );
+        return None;
+    }
+    if !mounts.values().any(|m| !m.read_only) {
+        ctx.push(
+            Diagnostic::new(b.span.clone(), format!("service `{name}` has a backup but writes no volume"))
+                .label("nothing to back up")
+                .hint("mount the volume the backup reads: volumes = { \"/data\" = \"data\" }, or remove [service.NAME.backup]"),
+        );
+        return None;
+    }
+    Some(Backup {
+        command: command.into_iter().map(|(s, _)| s).collect(),
+        timeout,
     })
 }
 

@@ -10,8 +10,8 @@ use toml::de::DeTable;
 use crate::check;
 use crate::diag::{Diagnostic, Diagnostics};
 use crate::model::{
-    Balance, Copy, Driver, Image, ImageSource, Policy, Project, Protocol, Route, Runtime, Spec,
-    Strategy, Volume,
+    Balance, Copy, Driver, Image, ImageDir, ImageSource, Policy, Project, Protocol, Route, Runtime,
+    Spec, Strategy, User, Volume,
 };
 use crate::read::{Ctx, Table, Value};
 use crate::service::{self, Claims};
@@ -32,7 +32,11 @@ pub(crate) const IMAGE_KEYS: &[&str] = &[
     "user",
     "labels",
     "expose",
+    "users",
+    "dirs",
 ];
+pub(crate) const USER_KEYS: &[&str] = &["name", "uid", "gid", "home", "shell"];
+pub(crate) const DIR_KEYS: &[&str] = &["path", "mode", "owner"];
 pub(crate) const COPY_KEYS: &[&str] = &["src", "dst", "mode"];
 pub(crate) const VOLUME_KEYS: &[&str] = &["shared", "exclusive"];
 pub(crate) const ROUTE_KEYS: &[&str] = &[
@@ -44,6 +48,7 @@ pub(crate) const ROUTE_KEYS: &[&str] = &[
     "timeout",
     "max_connections",
     "balance",
+    "error_pages",
 ];
 pub(crate) const RUNTIME_KEYS: &[&str] = &["driver"];
 pub(crate) const POLICY_KEYS: &[&str] = &["require_signed", "trusted_keys", "keep_generations"];
@@ -322,8 +327,160 @@ fn read_image(
         user,
         labels,
         expose,
+        users: Vec::new(),
+        dirs: Vec::new(),
     };
-    Some((image, from_span))
+    let users = t
+        .get("users")
+        .map(|v| read_users(ctx, v, &t.child_path("users")))
+        .unwrap_or_default();
+    let dirs = t
+        .get("dirs")
+        .map(|v| read_dirs(ctx, v, &t.child_path("dirs"), &users))
+        .unwrap_or_default();
+    Some((
+        Image {
+            users,
+            dirs,
+            ..image
+        },
+        from_span,
+    ))
+}
+
+/// `users = [{ name, uid, gid, home, shell }]`: unique names and uids, not
+/// root (the image always has root).
+fn read_users(ctx: &mut Ctx, v: &Value<'_>, path: &str) -> Vec<User> {
+    let toml::de::DeValue::Array(items) = v.get_ref() else {
+        ctx.expected(v, "an array of { name, uid } tables", path);
+        return Vec::new();
+    };
+    let mut out: Vec<User> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let Some(t) = Table::of(ctx, item, format!("{path}[{i}]")) else {
+            continue;
+        };
+        t.deny_unknown(ctx, USER_KEYS);
+        if t.get("name").is_none() {
+            t.missing(ctx, "name", "name the user, like `name = \"postgres\"`");
+        }
+        if t.get("uid").is_none() {
+            t.missing(ctx, "uid", "give the user a number, like `uid = 999`");
+        }
+        let name = t.str(ctx, "name");
+        let uid = t.int(ctx, "uid", 1, 65534).map(|n| n as u32);
+        let gid = t.int(ctx, "gid", 1, 65534).map(|n| n as u32);
+        let home = t.str(ctx, "home");
+        let shell = t.str(ctx, "shell");
+        let (Some((name, nspan)), Some(uid)) = (name, uid) else {
+            continue;
+        };
+        let valid = !name.is_empty()
+            && name.len() <= 32
+            && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c));
+        if !valid || name == "root" {
+            ctx.push(
+                Diagnostic::new(nspan, format!("`{name}` cannot be declared as a user"))
+                    .label(if name == "root" { "root is always there" } else { "invalid user name" })
+                    .hint("use up to 32 lowercase letters, digits, `_` or `-`, starting with a letter or `_`, like \"postgres\""),
+            );
+            continue;
+        }
+        if out.iter().any(|u| u.name == name || u.uid == uid) {
+            ctx.push(
+                Diagnostic::new(
+                    nspan,
+                    format!("user `{name}` (uid {uid}) is declared twice"),
+                )
+                .label("duplicate name or uid")
+                .hint("give each user its own name and uid"),
+            );
+            continue;
+        }
+        let mut ok = true;
+        for (key, value) in [("home", &home), ("shell", &shell)] {
+            if let Some((p, span)) = value {
+                ok &= check::container_path(ctx, key, p, span.clone());
+            }
+        }
+        if ok {
+            out.push(User {
+                name,
+                uid,
+                gid: gid.unwrap_or(uid),
+                home: home.map_or_else(|| "/nonexistent".to_owned(), |(h, _)| h),
+                shell: shell.map_or_else(|| "/usr/sbin/nologin".to_owned(), |(s, _)| s),
+            });
+        }
+    }
+    out
+}
+
+/// `dirs = [{ path, mode, owner }]`: `owner` is `"uid[:gid]"` or a user of
+/// `users`.
+fn read_dirs(ctx: &mut Ctx, v: &Value<'_>, path: &str, users: &[User]) -> Vec<ImageDir> {
+    let toml::de::DeValue::Array(items) = v.get_ref() else {
+        ctx.expected(v, "an array of { path, mode, owner } tables", path);
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let Some(t) = Table::of(ctx, item, format!("{path}[{i}]")) else {
+            continue;
+        };
+        t.deny_unknown(ctx, DIR_KEYS);
+        if t.get("path").is_none() {
+            t.missing(
+                ctx,
+                "path",
+                "name the directory, like `path = \"/run/postgresql\"`",
+            );
+        }
+        let dir = t.str(ctx, "path");
+        let mode = t.int(ctx, "mode", 0, 0o7777).map_or(0o755, |m| m as u32);
+        let owner = match t.str(ctx, "owner") {
+            None => Some((0, 0)),
+            Some((o, span)) => {
+                let found = users.iter().find(|u| u.name == o).map(|u| (u.uid, u.gid));
+                let numeric = || -> Option<(u32, u32)> {
+                    match o.split_once(':') {
+                        Some((u, g)) => Some((u.parse().ok()?, g.parse().ok()?)),
+                        None => {
+                            let u = o.parse().ok()?;
+                            Some((u, u))
+                        }
+                    }
+                };
+                let owner = found.or_else(numeric);
+                if owner.is_none() {
+                    ctx.push(
+                        Diagnostic::new(
+                            span,
+                            format!("owner `{o}` is neither `uid[:gid]` nor a user of `users`"),
+                        )
+                        .label("unknown owner")
+                        .hint("write numbers, like \"999:999\", or declare the user in `users`"),
+                    );
+                }
+                owner
+            }
+        };
+        let (Some((dir, dspan)), Some((uid, gid))) = (dir, owner) else {
+            continue;
+        };
+        if check::container_path(ctx, "directory", &dir, dspan) {
+            out.push(ImageDir {
+                path: dir,
+                mode,
+                uid,
+                gid,
+            });
+        }
+    }
+    out
 }
 
 fn read_copy(ctx: &mut Ctx, v: &Value<'_>, path: &str) -> Vec<Copy> {
@@ -518,6 +675,21 @@ fn read_routes(
         let protocol = t
             .str(ctx, "protocol")
             .and_then(|(p, span)| protocol(ctx, &p, span, &format!("route.{name}.protocol")));
+        let mut error_pages = BTreeMap::new();
+        for (status, (page, kspan, vspan)) in t.string_map(ctx, "error_pages") {
+            match status.parse::<u16>() {
+                Ok(code @ (502 | 503 | 504)) => {
+                    if check::host_path(ctx, "error page", &page, vspan) {
+                        error_pages.insert(code, page);
+                    }
+                }
+                _ => ctx.push(
+                    Diagnostic::new(kspan, format!("`route.{name}.error_pages` has a page for `{status}`"))
+                        .label("not an answer of the proxy")
+                        .hint("the proxy answers on its own with 502 (no instance could answer), 503 (none available, maintenance) and 504 (timeout): key the pages by those, like { \"503\" = \"pages/503.html\" }"),
+                ),
+            }
+        }
         let Some((svc_name, svc, svc_span)) = svc else {
             continue;
         };
@@ -586,6 +758,7 @@ fn read_routes(
                     timeout,
                     max_connections,
                     balance,
+                    error_pages,
                 },
             );
         }
