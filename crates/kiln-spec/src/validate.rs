@@ -678,7 +678,7 @@ fn read_routes(
         let mut error_pages = BTreeMap::new();
         for (status, (page, kspan, vspan)) in t.string_map(ctx, "error_pages") {
             match status.parse::<u16>() {
-                Ok(code @ (502 | 503 | 504)) => {
+                Ok(code @ 502..=504) => {
                     if check::host_path(ctx, "error page", &page, vspan) {
                         error_pages.insert(code, page);
                     }
