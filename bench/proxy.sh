@@ -17,9 +17,9 @@
 #             proxy_http_version 1.1 + proxy_set_header Connection "";
 #             sets X-Forwarded-For (as kiln does); buffering as shipped.
 #   haproxy   nbthread 1, mode http, http-reuse always, option forwardfor.
-#   kiln      crates/kiln-proxy/examples/proxy_bench.rs, 1 tokio worker
-#             thread (multi-thread runtime; KILN_FLAGS=--current-thread for
-#             tokio's single-threaded runtime instead).
+#   kiln      crates/kiln-proxy/examples/proxy_bench.rs, 1 proxy worker
+#             thread (`--threads 1`: one current-thread tokio runtime that
+#             accepts and serves, as each of the daemon's proxy workers does).
 #   direct    wrk straight at the backend (no proxy), for reference.
 # Columns: medians over the runs of req/s, p50, p99 (wrk --latency) and the
 # proxy's CPU µs per request; non-2xx answers and wrk's socket errors

@@ -1,6 +1,7 @@
 //! A standalone kiln proxy for benchmarks (`bench/proxy.sh`): one HTTP route
 //! on `--listen` in front of the `--backend`s (weight 1 each, round-robin),
-//! on a tokio runtime with `--threads` worker threads. Runs until killed.
+//! served by `--threads` proxy worker threads (as the daemon's proxy is, one
+//! per core there). Runs until killed.
 //!
 //! ```sh
 //! cargo build --release -p kiln-proxy --example proxy_bench
@@ -8,8 +9,9 @@
 //!     --backend 127.0.0.1:18081 --threads 1
 //! ```
 //!
-//! `--current-thread` uses tokio's single-threaded runtime instead (the
-//! whole proxy on the thread that runs `main`; `--threads` is ignored).
+//! `main` runs a current-thread runtime that only configures the proxy,
+//! like the engine's runtime does in the daemon; requests are served on the
+//! proxy's own worker threads.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -17,20 +19,18 @@ use std::process::ExitCode;
 use kiln_proxy::{Backend, Protocol, Proxy, RouteConfig};
 
 const USAGE: &str = "usage: proxy_bench --listen ADDR --backend ADDR [--backend ADDR ...] \
-                     [--threads N] [--current-thread]";
+                     [--threads N]";
 
 struct Args {
     listen: SocketAddr,
     backends: Vec<SocketAddr>,
     threads: usize,
-    current_thread: bool,
 }
 
 fn parse() -> Result<Args, String> {
     let mut listen = None;
     let mut backends = Vec::new();
     let mut threads = 1;
-    let mut current_thread = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
@@ -50,7 +50,6 @@ fn parse() -> Result<Args, String> {
                     return Err("--threads must be at least 1".to_owned());
                 }
             }
-            "--current-thread" => current_thread = true,
             "-h" | "--help" => return Err(USAGE.to_owned()),
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
@@ -63,12 +62,11 @@ fn parse() -> Result<Args, String> {
         listen,
         backends,
         threads,
-        current_thread,
     })
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let proxy = Proxy::new();
+    let proxy = Proxy::with_workers(args.threads);
     proxy
         .configure_route("bench", RouteConfig::new(args.listen, Protocol::Http))
         .await
@@ -99,16 +97,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = if args.current_thread {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(args.threads)
-            .enable_all()
-            .build()
-    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
     let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use http::HeaderValue;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -30,15 +31,19 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// A connection to a backend, ready for one request.
 pub(crate) type Sender = http1::SendRequest<UpBody>;
+/// Idle connections and since when, most recently used last.
+type IdleList = Vec<(Sender, Instant)>;
 
 /// The keep-alive pool to one backend address: idle HTTP/1.1 connections,
 /// last in first out. Each backend has its own, so when a removed backend's
 /// last request ends the pool is dropped and its idle connections close.
 /// A request checks a connection out, and the response body's end puts it
-/// back: no task per request, no pool key, no URI rewriting.
-#[derive(Debug, Default)]
+/// back: no task per request, no pool key, no URI rewriting. Each worker
+/// thread has its own idle list: a connection's task runs on the worker
+/// that opened it, so it is only used there, without cross-thread wakeups.
+#[derive(Debug)]
 pub(crate) struct ClientCell {
-    idle: Mutex<Vec<(Sender, Instant)>>,
+    idle: Box<[Mutex<IdleList>]>,
     reaper: OnceLock<()>,
 }
 
@@ -61,6 +66,19 @@ impl std::fmt::Display for ConnectError {
 }
 
 impl ClientCell {
+    /// A pool with one idle list per worker thread.
+    pub(crate) fn new(workers: usize) -> ClientCell {
+        ClientCell {
+            idle: (0..workers.max(1)).map(|_| Mutex::default()).collect(),
+            reaper: OnceLock::new(),
+        }
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, IdleList> {
+        let slot = &self.idle[crate::workers::current() % self.idle.len()];
+        slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// An idle connection that is still open (and whether it was reused), or
     /// a new one.
     pub(crate) async fn checkout(
@@ -68,7 +86,7 @@ impl ClientCell {
         addr: SocketAddr,
     ) -> Result<(Sender, bool), ConnectError> {
         loop {
-            let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let idle = self.idle().pop();
             let Some((mut sender, since)) = idle else {
                 break;
             };
@@ -100,10 +118,13 @@ impl ClientCell {
                 loop {
                     tick.tick().await;
                     let Some(cell) = weak.upgrade() else { return };
-                    cell.idle
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .retain(|(s, since)| since.elapsed() < POOL_IDLE_TIMEOUT && !s.is_closed());
+                    for slot in &cell.idle {
+                        slot.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .retain(|(s, since)| {
+                                since.elapsed() < POOL_IDLE_TIMEOUT && !s.is_closed()
+                            });
+                    }
                 }
             });
         });
@@ -113,10 +134,7 @@ impl ClientCell {
     /// Returns a connection whose response was read to the end.
     pub(crate) fn checkin(&self, sender: Sender) {
         if !sender.is_closed() {
-            self.idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((sender, Instant::now()));
+            self.idle().push((sender, Instant::now()));
         }
     }
 }
@@ -127,6 +145,29 @@ pub(crate) struct Entry {
     pub(crate) client: Arc<ClientCell>,
     pub(crate) counters: Arc<BackendCounters>,
     pub(crate) gauge: Arc<Gauge>,
+    /// The backend's id as a header value, made once per set rather than
+    /// per response (`None` if the id is not a valid header value).
+    pub(crate) id_header: Option<HeaderValue>,
+    /// The backend's address as a Host header, for requests without one.
+    pub(crate) host_header: Option<HeaderValue>,
+}
+
+impl Entry {
+    pub(crate) fn new(
+        backend: Backend,
+        client: Arc<ClientCell>,
+        counters: Arc<BackendCounters>,
+        gauge: Arc<Gauge>,
+    ) -> Entry {
+        Entry {
+            id_header: HeaderValue::from_str(&backend.id).ok(),
+            host_header: HeaderValue::from_str(&backend.addr.to_string()).ok(),
+            backend,
+            client,
+            counters,
+            gauge,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -312,11 +353,13 @@ mod tests {
         let entries = weights
             .iter()
             .enumerate()
-            .map(|(i, &w)| Entry {
-                backend: Backend::new(format!("b{i}"), "127.0.0.1:1".parse().unwrap(), w),
-                client: Arc::default(),
-                counters: Arc::default(),
-                gauge: Arc::default(),
+            .map(|(i, &w)| {
+                Entry::new(
+                    Backend::new(format!("b{i}"), "127.0.0.1:1".parse().unwrap(), w),
+                    Arc::new(ClientCell::new(1)),
+                    Arc::default(),
+                    Arc::default(),
+                )
             })
             .collect();
         BackendSet::new(entries, 0)

@@ -34,6 +34,11 @@ pub enum ProxyError {
         "route {route}: backend id {id} appears twice in the set\n  hint: backend ids must be unique within a route"
     )]
     DuplicateBackend { route: String, id: String },
+    /// The proxy's worker threads could not be started.
+    #[error(
+        "cannot start the proxy's worker threads: {0}\n  hint: the process may be at its thread or memory limit"
+    )]
+    Workers(#[source] io::Error),
 }
 
 fn bind_hint(source: &io::Error, route: &str) -> String {

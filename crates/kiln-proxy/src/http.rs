@@ -34,6 +34,10 @@ const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Header with the id of the backend that answered.
 pub const BACKEND_HEADER: &str = "x-kiln-backend";
+// Parsed once, not on every insert (a `&str` name is parsed on each use).
+const BACKEND: HeaderName = HeaderName::from_static(BACKEND_HEADER);
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Serves one accepted client connection until it closes, or until `stop`
 /// asks for a graceful shutdown (in-flight requests finish first).
@@ -230,6 +234,14 @@ const HOP_BY_HOP: [&str; 9] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most heads carry none: one pass over the names instead of a hashed
+    // lookup per hop-by-hop name.
+    if !headers
+        .keys()
+        .any(|name| HOP_BY_HOP.contains(&name.as_str()))
+    {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -351,15 +363,15 @@ fn forwarded_headers(
     {
         headers.insert(header::HOST, v);
     }
-    if !headers.contains_key("x-forwarded-for")
+    if !headers.contains_key(&X_FORWARDED_FOR)
         && let Some(v) = peer_ip
     {
-        headers.insert("x-forwarded-for", v);
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        headers.insert(X_FORWARDED_FOR, v);
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
         return headers;
     }
     let previous: Vec<String> = headers
-        .get_all("x-forwarded-for")
+        .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .map(str::to_owned)
@@ -370,9 +382,9 @@ fn forwarded_headers(
     }
     xff.push_str(&peer.ip().to_string());
     if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR, v);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     headers
 }
 
@@ -439,9 +451,9 @@ async fn handle(
         let started = Instant::now();
         let uri = Uri::from(path.clone());
         if !headers.contains_key(header::HOST)
-            && let Ok(v) = HeaderValue::from_str(&entry.backend.addr.to_string())
+            && let Some(v) = &entry.host_header
         {
-            headers.insert(header::HOST, v);
+            headers.insert(header::HOST, v.clone());
         }
         let up_body = match &slot {
             None => UpBody::Empty,
@@ -484,8 +496,8 @@ async fn handle(
                 route.counters.record(class);
                 let (mut rparts, rbody) = response.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
-                if let Ok(v) = HeaderValue::from_str(&entry.backend.id) {
-                    rparts.headers.insert(BACKEND_HEADER, v);
+                if let Some(v) = &entry.id_header {
+                    rparts.headers.insert(BACKEND, v.clone());
                 }
                 let mut done = ResponseDone {
                     _in_flight: in_flight,
@@ -544,8 +556,8 @@ async fn handle(
                     ),
                     None,
                 );
-                if let Ok(v) = HeaderValue::from_str(&entry.backend.id) {
-                    response.headers_mut().insert(BACKEND_HEADER, v);
+                if let Some(v) = &entry.id_header {
+                    response.headers_mut().insert(BACKEND, v.clone());
                 }
                 return response;
             }

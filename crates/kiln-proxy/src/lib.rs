@@ -8,6 +8,16 @@
 //! pool to backends) or TCP (each client connection piped to one backend).
 //! Everything runs on tokio; nothing blocks.
 //!
+//! # Threads
+//!
+//! Connections are served on the proxy's own worker threads (one per core
+//! by default, [`Proxy::with_workers`]), each a tokio current-thread
+//! runtime with its own accept loop on every route's socket: a client
+//! connection, the backend connections it uses and their pool stay on the
+//! worker that accepted it, so a request never crosses threads. The caller
+//! (the engine's runtime) configures routes, swaps sets and drains from
+//! anywhere: that only touches `ArcSwap`s, atomics and `Notify`s.
+//!
 //! # Swap
 //!
 //! A route's backend set is an immutable [`Backend`] list behind an
@@ -85,15 +95,17 @@ mod http;
 mod route;
 mod stats;
 mod tcp;
+mod workers;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use crate::balance::{BackendSet, ClientCell, Entry};
 use crate::route::{Listening, RouteShared};
 use crate::stats::{BackendCounters, Exposition, Gauge};
+use crate::workers::Workers;
 
 pub use crate::config::{
     Backend, DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT, LoadBalance, Protocol, RouteConfig,
@@ -112,7 +124,8 @@ pub enum DrainOutcome {
 }
 
 /// The reverse proxy. Cheap to clone; every clone drives the same routes.
-/// Dropping the last clone stops every listener.
+/// Dropping the last clone stops every listener; its worker threads end
+/// once their open connections have closed.
 #[derive(Clone, Debug, Default)]
 pub struct Proxy {
     inner: Arc<Inner>,
@@ -126,6 +139,10 @@ struct Route {
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// Worker threads to start (0: one per core).
+    worker_count: usize,
+    /// Started with the first route.
+    workers: OnceLock<Workers>,
     routes: Mutex<HashMap<String, Route>>,
     /// In-flight gauges by backend id, across routes.
     gauges: Mutex<HashMap<String, Arc<Gauge>>>,
@@ -141,9 +158,38 @@ fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Proxy {
-    /// A proxy with no routes.
+    /// A proxy with no routes, serving on one worker thread per core.
     pub fn new() -> Proxy {
         Proxy::default()
+    }
+
+    /// A proxy with no routes, serving on `workers` threads (at least 1).
+    /// Each thread runs its own single-threaded tokio runtime and serves the
+    /// connections it accepted start to end; the threads start with the
+    /// first route.
+    pub fn with_workers(workers: usize) -> Proxy {
+        Proxy {
+            inner: Arc::new(Inner {
+                worker_count: workers.max(1),
+                ..Inner::default()
+            }),
+        }
+    }
+
+    fn worker_count(&self) -> usize {
+        match self.inner.worker_count {
+            0 => workers::default_count(),
+            n => n,
+        }
+    }
+
+    fn workers(&self) -> Result<&Workers, ProxyError> {
+        if let Some(w) = self.inner.workers.get() {
+            return Ok(w);
+        }
+        // Under `ops`: only one caller gets here at a time.
+        let started = Workers::start(self.worker_count()).map_err(ProxyError::Workers)?;
+        Ok(self.inner.workers.get_or_init(|| started))
     }
 
     /// Binds `config.listen` (with SO_REUSEADDR) and serves route `name`.
@@ -178,13 +224,12 @@ impl Proxy {
         listener: std::net::TcpListener,
     ) -> Result<(), ProxyError> {
         let _ops = self.inner.ops.lock().await;
-        let err = |source| ProxyError::Listener {
-            route: name.to_owned(),
-            source,
-        };
-        listener.set_nonblocking(true).map_err(err)?;
-        let configured = listener.local_addr().map_err(err)?;
-        let listener = tokio::net::TcpListener::from_std(listener).map_err(err)?;
+        let configured = listener
+            .local_addr()
+            .map_err(|source| ProxyError::Listener {
+                route: name.to_owned(),
+                source,
+            })?;
         self.install(name, config, listener, configured).await
     }
 
@@ -192,9 +237,10 @@ impl Proxy {
         &self,
         name: &str,
         config: RouteConfig,
-        listener: tokio::net::TcpListener,
+        listener: std::net::TcpListener,
         configured: SocketAddr,
     ) -> Result<(), ProxyError> {
+        let workers = self.workers()?;
         let existing = locked(&self.inner.routes)
             .get(name)
             .map(|r| r.shared.clone());
@@ -209,7 +255,7 @@ impl Proxy {
         if let Some(backends) = staged {
             self.apply_backends(name, &shared, backends)?;
         }
-        let listening = Listening::start(shared.clone(), listener, configured)?;
+        let listening = Listening::start(shared.clone(), listener, configured, workers)?;
         let old = locked(&self.inner.routes).insert(name.to_owned(), Route { shared, listening });
         if let Some(old) = old {
             old.listening.stop().await;
@@ -297,6 +343,7 @@ impl Proxy {
             }
         }
 
+        let slots = self.worker_count();
         let _set = locked(&shared.set_lock);
         let old_set = shared.backends.load_full();
         let old_counters = shared.backend_counters.load_full();
@@ -309,16 +356,11 @@ impl Proxy {
                     .entries
                     .iter()
                     .find(|e| e.backend.id == backend.id && e.backend.addr == backend.addr)
-                    .map_or_else(|| Arc::new(ClientCell::default()), |e| e.client.clone());
+                    .map_or_else(|| Arc::new(ClientCell::new(slots)), |e| e.client.clone());
                 let c = old_counters.get(&backend.id).cloned().unwrap_or_default();
                 counters.insert(backend.id.clone(), c.clone());
                 let gauge = gauges.entry(backend.id.clone()).or_default().clone();
-                entries.push(Entry {
-                    backend,
-                    client,
-                    counters: c,
-                    gauge,
-                });
+                entries.push(Entry::new(backend, client, c, gauge));
             }
             // Removed backends stay visible in stats while they drain.
             for (id, c) in old_counters.iter() {

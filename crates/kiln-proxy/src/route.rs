@@ -15,6 +15,7 @@ use crate::balance::BackendSet;
 use crate::config::{Protocol, RouteConfig};
 use crate::error::ProxyError;
 use crate::stats::{BackendCounters, RouteCounters};
+use crate::workers::{Live, LiveGuard, Workers};
 
 /// What every connection of a route shares; the request path only loads
 /// from the `ArcSwap`s and touches atomics.
@@ -78,37 +79,46 @@ pub(crate) struct Listening {
     /// process (a kiln upgrade) while this one stops accepting.
     pub(crate) fd: std::os::fd::OwnedFd,
     stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Listening {
+    /// Starts one accept loop per worker, each on its own duplicate of the
+    /// socket (same accept queue) registered with its worker's runtime: a
+    /// connection is served, start to end, by the worker that accepted it.
     pub(crate) fn start(
         route: Arc<RouteShared>,
-        listener: TcpListener,
+        listener: std::net::TcpListener,
         configured: SocketAddr,
+        workers: &Workers,
     ) -> Result<Listening, ProxyError> {
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| ProxyError::Listener {
-                route: route.name.clone(),
-                source,
-            })?;
-        let fd = {
-            use std::os::fd::AsFd;
-            listener.as_fd().try_clone_to_owned()
-        }
-        .map_err(|source| ProxyError::Listener {
+        let err = |source| ProxyError::Listener {
             route: route.name.clone(),
             source,
-        })?;
+        };
+        listener.set_nonblocking(true).map_err(err)?;
+        let local_addr = listener.local_addr().map_err(err)?;
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(accept_loop(route, listener, stopped));
+        let mut tasks = Vec::with_capacity(workers.workers.len());
+        for worker in &workers.workers {
+            let dup = listener.try_clone().map_err(err)?;
+            let listener = {
+                let _runtime = worker.handle.enter();
+                TcpListener::from_std(dup).map_err(err)?
+            };
+            tasks.push(worker.handle.spawn(accept_loop(
+                route.clone(),
+                listener,
+                stopped.clone(),
+                worker.live.clone(),
+            )));
+        }
         Ok(Listening {
             configured,
             local_addr,
-            fd,
+            fd: std::os::fd::OwnedFd::from(listener),
             stop,
-            task,
+            tasks,
         })
     }
 
@@ -122,13 +132,15 @@ impl Listening {
     /// connections run until their peers close them.
     pub(crate) async fn stop(self) {
         let _ = self.stop.send(true);
-        let _ = self.task.await;
+        for task in self.tasks {
+            let _ = task.await;
+        }
     }
 }
 
 /// Binds with SO_REUSEADDR (a restarted proxy can rebind while old
 /// connections sit in TIME_WAIT).
-pub(crate) fn bind(route: &str, listen: SocketAddr) -> Result<TcpListener, ProxyError> {
+pub(crate) fn bind(route: &str, listen: SocketAddr) -> Result<std::net::TcpListener, ProxyError> {
     let err = |source| ProxyError::Bind {
         route: route.to_owned(),
         listen,
@@ -142,13 +154,17 @@ pub(crate) fn bind(route: &str, listen: SocketAddr) -> Result<TcpListener, Proxy
     .map_err(err)?;
     socket.set_reuseaddr(true).map_err(err)?;
     socket.bind(listen).map_err(err)?;
-    socket.listen(1024).map_err(err)
+    socket
+        .listen(1024)
+        .and_then(TcpListener::into_std)
+        .map_err(err)
 }
 
 async fn accept_loop(
     route: Arc<RouteShared>,
     listener: TcpListener,
     mut stopped: watch::Receiver<bool>,
+    live: Arc<Live>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -159,19 +175,22 @@ async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 let conn = ConnGuard::new(route.clone());
-                let route = route.clone();
+                let task = LiveGuard::new(&live);
                 match route.config.load().protocol {
                     Protocol::Http => {
-                        tokio::spawn(crate::http::serve(
-                            route.clone(),
-                            stream,
-                            peer,
-                            stopped.clone(),
-                            conn,
-                        ));
+                        let serve =
+                            crate::http::serve(route.clone(), stream, peer, stopped.clone(), conn);
+                        tokio::spawn(async move {
+                            serve.await;
+                            drop(task);
+                        });
                     }
                     Protocol::Tcp => {
-                        tokio::spawn(crate::tcp::serve(route.clone(), stream, conn));
+                        let serve = crate::tcp::serve(route.clone(), stream, conn);
+                        tokio::spawn(async move {
+                            serve.await;
+                            drop(task);
+                        });
                     }
                 }
             }
