@@ -1,6 +1,8 @@
 //! What the engine configures: routes and the backends behind them.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How a route's listener speaks.
@@ -46,11 +48,20 @@ pub struct RouteConfig {
     pub maintenance: bool,
     /// How a backend is picked.
     pub load_balance: LoadBalance,
+    /// HTTP: custom pages for the answers the proxy gives itself, by status:
+    /// the HTML body (sent as `text/html; charset=utf-8`, as is) replaces
+    /// the built-in one for 502 (no backend could be reached), 503 (no
+    /// backend, connection limit, maintenance) and 504 (a backend did not
+    /// answer in time); headers such as `Retry-After` stay. Other statuses
+    /// are ignored. Empty: the built-in bodies. The spec's
+    /// `[route.X] error_pages = { 503 = "pages/503.html" }` fills it with the
+    /// files' contents.
+    pub error_pages: BTreeMap<u16, Arc<[u8]>>,
 }
 
 impl RouteConfig {
     /// A route with the defaults: 60 s request timeout, 10 000 connections,
-    /// not in maintenance, round-robin.
+    /// not in maintenance, round-robin, built-in error pages.
     pub fn new(listen: SocketAddr, protocol: Protocol) -> RouteConfig {
         RouteConfig {
             listen,
@@ -59,6 +70,7 @@ impl RouteConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             maintenance: false,
             load_balance: LoadBalance::RoundRobin,
+            error_pages: BTreeMap::new(),
         }
     }
 }

@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::balance::{BackendSet, ClientCell, ConnectError, Sender};
+use crate::config::RouteConfig;
 use crate::route::{ConnGuard, RouteShared};
 use crate::stats::{BackendCounters, CLASS_5XX, InFlightGuard, class_of};
 
@@ -32,6 +33,10 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head (HTTP/1 read buffer; h2 header list).
 const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// `Retry-After` (seconds) of the maintenance page.
+const MAINTENANCE_RETRY_AFTER: u32 = 30;
+/// `Retry-After` (seconds) when the route has no backend or no room.
+const UNAVAILABLE_RETRY_AFTER: u32 = 1;
 /// Header with the id of the backend that answered.
 pub const BACKEND_HEADER: &str = "x-kiln-backend";
 // Parsed once, not on every insert (a `&str` name is parsed on each use).
@@ -260,10 +265,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 fn local_response(
     status: StatusCode,
     content_type: &'static str,
-    body: String,
+    body: Bytes,
     retry_after: Option<u32>,
 ) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::Full(Some(Bytes::from(body))));
+    let mut response = Response::new(ProxyBody::Full(Some(body)));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -278,9 +283,28 @@ fn text(status: StatusCode, message: String, retry_after: Option<u32>) -> Respon
     local_response(
         status,
         "text/plain; charset=utf-8",
-        format!("{message}\n"),
+        Bytes::from(format!("{message}\n")),
         retry_after,
     )
+}
+
+/// The proxy's own error answer: the route's custom page for `status` if it
+/// has one, else `built_in`.
+fn error_page(
+    config: &RouteConfig,
+    status: StatusCode,
+    retry_after: Option<u32>,
+    built_in: impl FnOnce() -> Response<ProxyBody>,
+) -> Response<ProxyBody> {
+    match config.error_pages.get(&status.as_u16()) {
+        Some(page) => local_response(
+            status,
+            "text/html; charset=utf-8",
+            Bytes::from_owner(page.clone()),
+            retry_after,
+        ),
+        None => built_in(),
+    }
 }
 
 fn maintenance_page(route: &str) -> Response<ProxyBody> {
@@ -295,8 +319,8 @@ fn maintenance_page(route: &str) -> Response<ProxyBody> {
     local_response(
         StatusCode::SERVICE_UNAVAILABLE,
         "text/html; charset=utf-8",
-        page,
-        Some(30),
+        Bytes::from(page),
+        Some(MAINTENANCE_RETRY_AFTER),
     )
 }
 
@@ -399,14 +423,13 @@ async fn handle(
     let name = &route.name;
     if over_limit {
         route.counters.record_local(CLASS_5XX);
-        let mut response = text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "kiln: route {name} is at its connection limit ({})",
-                config.max_connections
-            ),
-            Some(1),
-        );
+        let status = StatusCode::SERVICE_UNAVAILABLE;
+        let retry = Some(UNAVAILABLE_RETRY_AFTER);
+        let mut response = error_page(&config, status, retry, || {
+            let limit = config.max_connections;
+            let message = format!("kiln: route {name} is at its connection limit ({limit})");
+            text(status, message, retry)
+        });
         if req.version() < Version::HTTP_2 {
             response
                 .headers_mut()
@@ -416,16 +439,23 @@ async fn handle(
     }
     if config.maintenance {
         route.counters.record_local(CLASS_5XX);
-        return maintenance_page(name);
+        let status = StatusCode::SERVICE_UNAVAILABLE;
+        return error_page(&config, status, Some(MAINTENANCE_RETRY_AFTER), || {
+            maintenance_page(name)
+        });
     }
     let set: Arc<BackendSet> = route.backends.load_full();
     if set.is_empty() {
         route.counters.record_local(CLASS_5XX);
-        return text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("kiln: route {name} has no healthy instance"),
-            Some(1),
-        );
+        let status = StatusCode::SERVICE_UNAVAILABLE;
+        let retry = Some(UNAVAILABLE_RETRY_AFTER);
+        return error_page(&config, status, retry, || {
+            text(
+                status,
+                format!("kiln: route {name} has no healthy instance"),
+                retry,
+            )
+        });
     }
 
     let (mut parts, body) = req.into_parts();
@@ -548,14 +578,14 @@ async fn handle(
             Err(_elapsed) => {
                 entry.counters.record(CLASS_5XX);
                 route.counters.record(CLASS_5XX);
-                let mut response = text(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "kiln: route {name}: instance {} did not answer within {:?}",
-                        entry.backend.id, config.request_timeout
-                    ),
-                    None,
-                );
+                let status = StatusCode::GATEWAY_TIMEOUT;
+                let mut response = error_page(&config, status, None, || {
+                    let (id, limit) = (&entry.backend.id, config.request_timeout);
+                    let message = format!(
+                        "kiln: route {name}: instance {id} did not answer within {limit:?}"
+                    );
+                    text(status, message, None)
+                });
                 if let Some(v) = &entry.id_header {
                     response.headers_mut().insert(BACKEND, v.clone());
                 }
@@ -564,12 +594,15 @@ async fn handle(
         }
     }
     route.counters.record(CLASS_5XX);
-    let why = failure.unwrap_or_else(|| "no instance could be reached".to_owned());
-    text(
-        StatusCode::BAD_GATEWAY,
-        format!("kiln: route {name}: bad gateway ({why})"),
-        None,
-    )
+    let status = StatusCode::BAD_GATEWAY;
+    error_page(&config, status, None, || {
+        let why = failure.unwrap_or_else(|| "no instance could be reached".to_owned());
+        text(
+            status,
+            format!("kiln: route {name}: bad gateway ({why})"),
+            None,
+        )
+    })
 }
 
 /// How an attempt failed.

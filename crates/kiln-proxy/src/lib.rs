@@ -71,6 +71,8 @@
 //! - Each route serves at most `max_connections` concurrent client
 //!   connections; beyond, HTTP connections get one 503 and are closed, TCP
 //!   connections are closed at once.
+//! - The 502/503/504 the proxy answers itself have built-in bodies, or the
+//!   route's own HTML pages ([`RouteConfig::error_pages`]).
 //! - Idle pooled connections to backends are dropped after 4 s, below
 //!   common backend keep-alive timeouts, so the proxy rarely writes to a
 //!   connection the backend is closing.
