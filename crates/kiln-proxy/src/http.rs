@@ -40,30 +40,45 @@ const UNAVAILABLE_RETRY_AFTER: u32 = 1;
 /// Header with the id of the backend that answered.
 pub const BACKEND_HEADER: &str = "x-kiln-backend";
 // Parsed once, not on every insert (a `&str` name is parsed on each use).
-const BACKEND: HeaderName = HeaderName::from_static(BACKEND_HEADER);
+pub(crate) const BACKEND: HeaderName = HeaderName::from_static(BACKEND_HEADER);
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// One client connection, shared by its requests (and by the tunnel of an
+/// upgraded one, which keeps the connection counted until it closes).
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub(crate) guard: ConnGuard,
+    pub(crate) peer: SocketAddr,
+    /// X-Forwarded-For for requests that bring none: made once per connection.
+    pub(crate) peer_ip: Option<HeaderValue>,
+    /// Whether a request has arrived (for the first-request timeout).
+    seen_request: AtomicBool,
+}
 
 /// Serves one accepted client connection until it closes, or until `stop`
 /// asks for a graceful shutdown (in-flight requests finish first).
 pub(crate) async fn serve(
-    route: Arc<RouteShared>,
     stream: TcpStream,
     peer: SocketAddr,
     mut stop: watch::Receiver<bool>,
-    conn: ConnGuard,
+    guard: ConnGuard,
 ) {
-    let over_limit = conn.over_limit;
+    let over_limit = guard.over_limit;
     let _ = stream.set_nodelay(true);
-    let seen_request = Arc::new(AtomicBool::new(false));
-    let seen = seen_request.clone();
-    // X-Forwarded-For for requests that bring none: made once per connection.
-    let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).ok();
+    let conn = Arc::new(Conn {
+        guard,
+        peer,
+        peer_ip: HeaderValue::from_str(&peer.ip().to_string()).ok(),
+        seen_request: AtomicBool::new(false),
+    });
+    let c = conn.clone();
     let service = service_fn(move |req| {
-        seen.store(true, Ordering::Relaxed);
-        let route = route.clone();
-        let peer_ip = peer_ip.clone();
-        async move { Ok::<_, Infallible>(handle(&route, req, peer, peer_ip, over_limit).await) }
+        let conn = c.clone();
+        async move {
+            conn.seen_request.store(true, Ordering::Relaxed);
+            Ok::<_, Infallible>(handle(&conn, req).await)
+        }
     });
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -77,7 +92,7 @@ pub(crate) async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32);
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let first_request = tokio::time::sleep(FIRST_REQUEST_TIMEOUT);
     tokio::pin!(first_request);
@@ -91,15 +106,14 @@ pub(crate) async fn serve(
             }
             // The guard is read once when `select!` starts, while the
             // connection serves requests: check again when the timer fires.
-            _ = &mut first_request, if !shutting_down && !seen_request.load(Ordering::Relaxed) => {
-                if !seen_request.load(Ordering::Relaxed) {
+            _ = &mut first_request, if !shutting_down && !conn.seen_request.load(Ordering::Relaxed) => {
+                if !conn.seen_request.load(Ordering::Relaxed) {
                     connection.as_mut().graceful_shutdown();
                     shutting_down = true;
                 }
             }
         }
     }
-    drop(conn);
 }
 
 /// The body sent upstream. A request body is given to one attempt only; if
@@ -212,6 +226,20 @@ pub(crate) struct ResponseDone {
 }
 
 impl ResponseDone {
+    pub(crate) fn new(
+        in_flight: InFlightGuard,
+        counters: Arc<BackendCounters>,
+        started: Instant,
+        conn: Option<(Arc<ClientCell>, Sender)>,
+    ) -> ResponseDone {
+        ResponseDone {
+            _in_flight: in_flight,
+            counters,
+            started,
+            conn,
+        }
+    }
+
     fn reusable(&mut self) {
         if let Some((cell, sender)) = self.conn.take() {
             cell.checkin(sender);
@@ -238,7 +266,7 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most heads carry none: one pass over the names instead of a hashed
     // lookup per hop-by-hop name.
     if !headers
@@ -279,7 +307,11 @@ fn local_response(
     response
 }
 
-fn text(status: StatusCode, message: String, retry_after: Option<u32>) -> Response<ProxyBody> {
+pub(crate) fn text(
+    status: StatusCode,
+    message: String,
+    retry_after: Option<u32>,
+) -> Response<ProxyBody> {
     local_response(
         status,
         "text/plain; charset=utf-8",
@@ -290,7 +322,7 @@ fn text(status: StatusCode, message: String, retry_after: Option<u32>) -> Respon
 
 /// The proxy's own error answer: the route's custom page for `status` if it
 /// has one, else `built_in`.
-fn error_page(
+pub(crate) fn error_page(
     config: &RouteConfig,
     status: StatusCode,
     retry_after: Option<u32>,
@@ -363,7 +395,7 @@ fn closed_before_response(error: &hyper::Error) -> bool {
     false
 }
 
-fn cause(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn cause(error: &(dyn std::error::Error + 'static)) -> String {
     let mut out = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {
@@ -374,7 +406,7 @@ fn cause(error: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-fn forwarded_headers(
+pub(crate) fn forwarded_headers(
     parts: &mut http::request::Parts,
     peer: SocketAddr,
     peer_ip: Option<HeaderValue>,
@@ -412,16 +444,11 @@ fn forwarded_headers(
     headers
 }
 
-async fn handle(
-    route: &RouteShared,
-    req: Request<Incoming>,
-    peer: SocketAddr,
-    peer_ip: Option<HeaderValue>,
-    over_limit: bool,
-) -> Response<ProxyBody> {
+async fn handle(conn: &Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let route: &RouteShared = &conn.guard.route;
     let config = route.config.load_full();
     let name = &route.name;
-    if over_limit {
+    if conn.guard.over_limit {
         route.counters.record_local(CLASS_5XX);
         let status = StatusCode::SERVICE_UNAVAILABLE;
         let retry = Some(UNAVAILABLE_RETRY_AFTER);
@@ -457,12 +484,15 @@ async fn handle(
             )
         });
     }
+    if crate::upgrade::requested(&req) {
+        return crate::upgrade::forward(conn, &config, &set, req).await;
+    }
 
     let (mut parts, body) = req.into_parts();
     let body_empty = body.is_end_stream();
     let hint = body.size_hint();
     let slot = (!body_empty).then(|| Arc::new(Mutex::new(Some(body))));
-    let mut headers = forwarded_headers(&mut parts, peer, peer_ip);
+    let mut headers = forwarded_headers(&mut parts, conn.peer, conn.peer_ip.clone());
     let path = parts
         .uri
         .path_and_query()
@@ -529,12 +559,8 @@ async fn handle(
                 if let Some(v) = &entry.id_header {
                     rparts.headers.insert(BACKEND, v.clone());
                 }
-                let mut done = ResponseDone {
-                    _in_flight: in_flight,
-                    counters: entry.counters.clone(),
-                    started,
-                    conn: Some((entry.client.clone(), sender)),
-                };
+                let conn = Some((entry.client.clone(), sender));
+                let mut done = ResponseDone::new(in_flight, entry.counters.clone(), started, conn);
                 if rbody.is_end_stream() {
                     done.reusable();
                 }

@@ -38,7 +38,8 @@
 //! request counts from the moment a backend is picked until its response
 //! body has been sent to the client (or the client went away): the guard
 //! lives inside the response body. A TCP connection counts until both
-//! directions are closed. Once `set_backends` has removed a backend, no new
+//! directions are closed, an upgraded (WebSocket) connection until its
+//! tunnel closes; a drain that times out closes the backend's tunnels. Once `set_backends` has removed a backend, no new
 //! request picks it, and [`Proxy::drain`] waits (on a `Notify`, not by
 //! polling) until its gauge is zero. Each backend has its own connection
 //! pool, dropped with the last request that uses it, so idle keep-alive
@@ -86,9 +87,9 @@
 //!
 //! # Not done here
 //!
-//! WebSocket and other `Upgrade`s are not proxied (`Upgrade` is a
-//! hop-by-hop header and is dropped); HTTP/2 to backends, TLS, and health
-//! checking (the engine decides the set) are not the proxy's job.
+//! HTTP/2 to backends, TLS, and health checking (the engine decides the
+//! set) are not the proxy's job. Upgrades (WebSocket) are proxied over
+//! HTTP/1.1 only (not h2's extended CONNECT); see the `upgrade` module.
 
 mod balance;
 mod config;
@@ -97,6 +98,7 @@ mod http;
 mod route;
 mod stats;
 mod tcp;
+mod upgrade;
 mod workers;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -416,7 +418,9 @@ impl Proxy {
 
     /// Waits until nothing is in flight on `backend_id` or `timeout` passes.
     /// Remove the backend from every route's set first, or new requests keep
-    /// arriving.
+    /// arriving. On timeout, upgraded connections (WebSocket) to the backend
+    /// are closed; requests and TCP connections still in flight are left
+    /// to the caller (stopping the backend ends them).
     pub async fn drain(&self, backend_id: &str, timeout: Duration) -> DrainOutcome {
         let Some(gauge) = locked(&self.inner.gauges).get(backend_id).cloned() else {
             return DrainOutcome::Drained;
@@ -435,7 +439,10 @@ impl Proxy {
                 _ = tokio::time::sleep_until(deadline) => {
                     return match gauge.get() {
                         0 => DrainOutcome::Drained,
-                        remaining => DrainOutcome::TimedOut { remaining },
+                        remaining => {
+                            gauge.cut.notify_waiters();
+                            DrainOutcome::TimedOut { remaining }
+                        }
                     };
                 }
             }

@@ -44,18 +44,25 @@ impl RouteShared {
     }
 }
 
-/// Counts one client connection of a route while alive.
+/// Counts one client connection of a route (and on its worker) while
+/// alive; an upgraded connection (WebSocket) holds it until its tunnel
+/// closes.
 #[derive(Debug)]
 pub(crate) struct ConnGuard {
-    route: Arc<RouteShared>,
+    pub(crate) route: Arc<RouteShared>,
     pub(crate) over_limit: bool,
+    _live: LiveGuard,
 }
 
 impl ConnGuard {
-    fn new(route: Arc<RouteShared>) -> ConnGuard {
+    fn new(route: Arc<RouteShared>, live: &Arc<Live>) -> ConnGuard {
         let before = route.counters.connections.fetch_add(1, Ordering::AcqRel);
         let over_limit = before >= route.config.load().max_connections;
-        ConnGuard { route, over_limit }
+        ConnGuard {
+            route,
+            over_limit,
+            _live: LiveGuard::new(live),
+        }
     }
 }
 
@@ -174,23 +181,13 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let conn = ConnGuard::new(route.clone());
-                let task = LiveGuard::new(&live);
+                let conn = ConnGuard::new(route.clone(), &live);
                 match route.config.load().protocol {
                     Protocol::Http => {
-                        let serve =
-                            crate::http::serve(route.clone(), stream, peer, stopped.clone(), conn);
-                        tokio::spawn(async move {
-                            serve.await;
-                            drop(task);
-                        });
+                        tokio::spawn(crate::http::serve(stream, peer, stopped.clone(), conn));
                     }
                     Protocol::Tcp => {
-                        let serve = crate::tcp::serve(route.clone(), stream, conn);
-                        tokio::spawn(async move {
-                            serve.await;
-                            drop(task);
-                        });
+                        tokio::spawn(crate::tcp::serve(route.clone(), stream, conn));
                     }
                 }
             }

@@ -98,6 +98,9 @@ impl Histogram {
 pub(crate) struct Gauge {
     count: AtomicUsize,
     pub(crate) zero: Notify,
+    /// Notified when a drain of this backend times out: upgraded
+    /// connections (tunnels) to it close.
+    pub(crate) cut: Notify,
 }
 
 impl Gauge {
