@@ -23,6 +23,12 @@
 //!   starting or out of rotation are awaited and given traffic (resume: how
 //!   a rollout interrupted by a crash of kiln gets finished).
 //!
+//! A replacement of a service with a `backup` runs it first (a
+//! [`Step::Backup`] after the old instances of a `recreate` are gone, before
+//! the first new instance otherwise); never on a first creation or a heal.
+//! A `recreate` says how long the service is left unavailable
+//! ([`ServicePlan::unavailable`]).
+//!
 //! Services no longer declared are taken out of traffic, drained and
 //! destroyed; `[route]`s are configured or removed to match the spec.
 //!
@@ -77,4 +83,5 @@ pub use planner::{REMOVED_SERVICE_DRAIN_TIMEOUT, plan};
 pub use render::render_plan;
 pub use steps::{
     Plan, RouteAction, RoutePlan, ServiceAction, ServicePlan, Step, Summary, TRAFFIC_TOTAL,
+    Unavailability,
 };

@@ -15,7 +15,9 @@ use crate::diff::{Change, diff_values};
 use crate::emitter::{Emitter, IdAllocator, Timing, Traffic};
 use crate::generation::{Digest, Generation, InstanceSpec};
 use crate::observed::{InstanceStatus, Observed, ObservedInstance};
-use crate::steps::{Plan, RouteAction, RoutePlan, ServiceAction, ServicePlan, Step};
+use crate::steps::{
+    Plan, RouteAction, RoutePlan, ServiceAction, ServicePlan, Step, Unavailability,
+};
 use crate::strategy::{self, Replacement};
 
 /// The drain timeout for instances of a service that is no longer declared
@@ -202,6 +204,8 @@ fn plan_removed(
         reasons: vec!["no longer declared".to_owned()],
         creates: em.creates,
         destroys: em.destroys,
+        unavailable: None,
+        backup: None,
     }
 }
 
@@ -232,9 +236,12 @@ fn plan_service(
         deadline: service.deploy.deadline,
         drain_timeout: service.deploy.drain_timeout,
     };
+    let first_step = steps.len();
     let mut em = Emitter::new(name, traffic, timing, instances, steps, ids);
     let mut strategy = None;
     let mut reasons = Vec::new();
+    let mut unavailable = None;
+    let mut backup = None;
 
     let (current, stale): (Vec<&ObservedInstance>, Vec<&ObservedInstance>) =
         instances.iter().partition(|i| i.identity == identity);
@@ -279,18 +286,52 @@ fn plan_service(
             },
         );
         strategy = Some(service.deploy.strategy.clone());
+        backup = service.backup.clone();
+        if service.deploy.strategy == kiln_spec::model::Strategy::Recreate {
+            unavailable = Some(Unavailability {
+                stop_grace: service.stop_grace,
+                backup_timeout: backup.as_ref().map(|b| b.timeout),
+                deadline: service.deploy.deadline,
+            });
+        }
         ServiceAction::Replace { changes }
     } else {
         converge(&mut em, &identity, replicas, current, &mut reasons)
     };
 
+    let (creates, destroys) = (em.creates, em.destroys);
+    // The backup runs before the first new instance: for `recreate`, after
+    // every old one is gone, so it copies data nobody writes.
+    let backup = backup.and_then(|b| {
+        let at = first_step
+            + steps[first_step..]
+                .iter()
+                .position(|s| matches!(s, Step::CreateInstance { .. }))?;
+        steps.insert(
+            at,
+            Step::Backup {
+                service: name.to_owned(),
+                command: b.command.clone(),
+                timeout: b.timeout,
+            },
+        );
+        Some(b.command)
+    });
+    let unavailable = unavailable
+        .filter(|_| !creates.is_empty())
+        .map(|u| Unavailability {
+            backup_timeout: u.backup_timeout.filter(|_| backup.is_some()),
+            ..u
+        });
     ServicePlan {
         service: name.to_owned(),
         action,
         strategy,
         reasons,
-        creates: em.creates,
-        destroys: em.destroys,
+        creates,
+        destroys,
+        unavailable,
+        backup,
     }
 }
 

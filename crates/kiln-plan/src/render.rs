@@ -142,6 +142,22 @@ fn render_service(out: &mut Out, plan: &ServicePlan) {
     for comment in comments {
         out.comment(comment);
     }
+    if let Some(command) = &plan.backup {
+        out.comment(&format!(
+            "backup first: `{}` in a fresh instance, output stored by digest",
+            command.join(" ")
+        ));
+    }
+    if let Some(u) = &plan.unavailable {
+        let backup = u
+            .backup_timeout
+            .map(|t| format!(" + backup (at most {t})"))
+            .unwrap_or_default();
+        out.comment(&format!(
+            "unavailable from stop until healthy: at most stop_grace {}{backup} + start (deadline {})",
+            u.stop_grace, u.deadline
+        ));
+    }
 
     let changes = match &plan.action {
         ServiceAction::Replace { changes } => changes.as_slice(),

@@ -56,6 +56,14 @@ fn show(plan: &Plan) -> String {
                 )
             }
             Step::RemoveRoute { name } => format!("remove route {name}"),
+            Step::Backup {
+                service,
+                command,
+                timeout,
+            } => format!(
+                "backup {service}: {} (timeout {timeout})",
+                command.join(" ")
+            ),
         };
         let _ = writeln!(out, "{line}");
     }
@@ -119,6 +127,63 @@ fn canary() {
 #[test]
 fn recreate() {
     insta::assert_snapshot!(show(&replace_with(Strategy::Recreate, 2)));
+}
+
+/// A database: one replica writing an exclusive volume, with a backup.
+fn db(config: &str) -> Service {
+    let mut db = service("db");
+    db.ports.clear();
+    db.health = None;
+    db.files.insert("/etc/db.conf".into(), config.into());
+    db.volumes.insert(
+        "/data".into(),
+        kiln_spec::model::VolumeMount {
+            volume: "db-data".into(),
+            read_only: false,
+        },
+    );
+    db.deploy.strategy = Strategy::Recreate;
+    db.stop_grace = Duration::from_secs(30);
+    db.backup = Some(kiln_spec::model::Backup {
+        command: vec![
+            "tar".into(),
+            "-C".into(),
+            "/data".into(),
+            "-cf".into(),
+            "-".into(),
+            ".".into(),
+        ],
+        timeout: Duration::from_secs(300),
+    });
+    db
+}
+
+#[test]
+fn recreate_with_a_backup_shows_the_unavailability() {
+    let old = generation(spec([("db", db("db-v1.conf"))], []));
+    let new = generation(spec([("db", db("db-v2.conf"))], []));
+    insta::assert_snapshot!(show(&replan(&old, &new)));
+}
+
+#[test]
+fn a_backup_never_runs_on_a_first_creation_or_a_heal() {
+    let desired = generation(spec([("db", db("db-v1.conf"))], []));
+    let fresh = plan(&desired, &Observed::default());
+    let mut observed = steady(&desired);
+    observed.instances[0].status = InstanceStatus::Exited { code: Some(1) };
+    let healed = plan(&desired, &observed);
+    for p in [&fresh, &healed] {
+        assert!(!p.steps.is_empty());
+        assert!(
+            p.steps.iter().all(|s| !matches!(s, Step::Backup { .. })),
+            "{p:?}"
+        );
+        assert!(
+            p.services
+                .iter()
+                .all(|s| s.backup.is_none() && s.unavailable.is_none())
+        );
+    }
 }
 
 #[test]

@@ -81,7 +81,7 @@ pub fn apply_step(desired: &Generation, world: &mut Observed, step: &Step) {
                 "traffic to an instance that does not exist"
             );
         }
-        Step::Hold { .. } | Step::Drain { .. } => {}
+        Step::Hold { .. } | Step::Drain { .. } | Step::Backup { .. } => {}
         Step::DestroyInstance { id } => {
             let before = world.instances.len();
             world.instances.retain(|i| &i.id != id);

@@ -54,6 +54,16 @@ pub enum Step {
     Drain { ids: Vec<String>, timeout: Duration },
     /// Stop and remove an instance. Its volumes survive.
     DestroyInstance { id: String },
+    /// Run the service's backup `command` in a fresh instance of what ran
+    /// before (no ports, no traffic) and store its output by digest; a
+    /// non-zero exit or outliving `timeout` fails the rollout. Planned only
+    /// when a service's instances are replaced: after the old instances of
+    /// a `recreate` stopped, before the first new instance otherwise.
+    Backup {
+        service: String,
+        command: Vec<String>,
+        timeout: Duration,
+    },
     /// Create the proxy listener `name`, or replace it with this one.
     ConfigureRoute { name: String, route: Route },
     /// Stop the proxy listener `name`.
@@ -74,6 +84,25 @@ pub struct ServicePlan {
     pub creates: Vec<String>,
     /// Instances this plan destroys for the service, in step order.
     pub destroys: Vec<String>,
+    /// A `recreate` replacement: the service serves nothing from the old
+    /// instance's stop until the new one is healthy, and this bounds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<Unavailability>,
+    /// The backup command that runs before the replacement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<Vec<String>>,
+}
+
+/// How long a `recreate` leaves a service without an instance: at most
+/// `stop_grace` (SIGTERM to SIGKILL of the old one), then the backup (at
+/// most its timeout), then the new instance's start, which the rollout
+/// gives `deadline` before it reverts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unavailability {
+    pub stop_grace: Duration,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_timeout: Option<Duration>,
+    pub deadline: Duration,
 }
 
 impl ServicePlan {
@@ -238,6 +267,8 @@ mod tests {
             reasons: Vec::new(),
             creates: creates.iter().map(|s| s.to_string()).collect(),
             destroys: destroys.iter().map(|s| s.to_string()).collect(),
+            unavailable: None,
+            backup: None,
         };
         let plan = Plan {
             generation_hash: Digest::of(b""),

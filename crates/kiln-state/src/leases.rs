@@ -5,6 +5,12 @@
 //! [`LeaseHeld`], naming that holder; an expired lease is taken over. The
 //! holder proves itself with the `token` it chose, so a holder whose lease
 //! expired and was taken over cannot renew or release the new holder's.
+//!
+//! A **fence** is a lease held by something that outlives kiln's processes
+//! (an instance that has an exclusive volume mounted): it never expires and
+//! records no pid, so neither a timeout nor the death of the daemon that
+//! took it frees it. Only [`Store::release_fence`] does, by its holder's
+//! name; deciding that a holder is gone is the caller's job.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -164,6 +170,65 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Takes fence `name` for `holder` if it is free or already `holder`'s;
+    /// otherwise returns who holds it. The fence never expires.
+    pub fn acquire_fence(
+        &self,
+        name: &str,
+        holder: &str,
+    ) -> Result<std::result::Result<(), LeaseHeld>> {
+        const OP: &str = "acquire fence";
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db(OP))?;
+        let current: Option<(LeaseHolder, String)> = tx
+            .query_row(
+                "SELECT name, owner, acquired_at, expires_ms, pid, host, token FROM leases WHERE name = ?1",
+                params![name],
+                |row| Ok((self::holder(row)?, row.get(6)?)),
+            )
+            .optional()
+            .map_err(db(OP))?;
+        match current {
+            Some((_, token)) if token == holder => return Ok(Ok(())),
+            Some((held, _)) => return Ok(Err(LeaseHeld(held))),
+            None => {}
+        }
+        tx.execute(
+            "INSERT INTO leases (name, owner, token, expires_ms, pid, host) VALUES (?1, ?2, ?2, ?3, NULL, NULL)",
+            params![name, holder, i64::MAX],
+        )
+        .map_err(db(OP))?;
+        tx.commit().map_err(db(OP))?;
+        Ok(Ok(()))
+    }
+
+    /// Gives fence `name` up if `holder` holds it.
+    pub fn release_fence(&self, name: &str, holder: &str) -> Result<()> {
+        self.release_lease(name, holder)
+    }
+
+    /// Every fence whose name starts with `prefix`, by name; `owner` is the
+    /// holder.
+    pub fn fences(&self, prefix: &str) -> Result<Vec<LeaseHolder>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT name, owner, acquired_at, expires_ms, pid, host FROM leases
+                 WHERE substr(name, 1, length(?1)) = ?1 AND owner = token AND pid IS NULL
+                 ORDER BY name",
+            )
+            .map_err(db("list fences"))?;
+        let rows = stmt
+            .query_map(params![prefix], holder)
+            .map_err(db("list fences"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db("list fences"))
+    }
+}
+
 fn holder(row: &rusqlite::Row<'_>) -> rusqlite::Result<LeaseHolder> {
     Ok(LeaseHolder {
         name: row.get(0)?,
@@ -227,6 +292,60 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert_eq!(held.0.pid, Some(std::process::id()));
+    }
+
+    #[test]
+    fn a_fence_outlives_its_taker_until_its_holder_releases_it() {
+        let store = Store::open_in_memory().unwrap();
+        store
+            .acquire_fence("volume:p/data", "db-1")
+            .unwrap()
+            .unwrap();
+        // The same holder again: fine; another: refused, naming the holder.
+        store
+            .acquire_fence("volume:p/data", "db-1")
+            .unwrap()
+            .unwrap();
+        let held = store
+            .acquire_fence("volume:p/data", "db-2")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(held.0.owner, "db-1");
+        // No pid: the death of the process that took it frees nothing, and
+        // it never expires; a lease holder cannot take it either.
+        assert_eq!(held.0.pid, None);
+        assert!(!held.0.is_dead_local());
+        assert!(
+            store
+                .acquire_lease("volume:p/data", "x", "x", TTL)
+                .unwrap()
+                .is_err()
+        );
+        assert_eq!(store.lease("volume:p/data").unwrap().unwrap().owner, "db-1");
+        store
+            .acquire_fence("volume:p/logs", "db-1")
+            .unwrap()
+            .unwrap();
+        store
+            .acquire_lease("rollout", "r", "r", TTL)
+            .unwrap()
+            .unwrap();
+        let names: Vec<String> = store
+            .fences("volume:")
+            .unwrap()
+            .into_iter()
+            .map(|h| h.name)
+            .collect();
+        assert_eq!(names, ["volume:p/data", "volume:p/logs"]);
+        // Only its holder releases it.
+        store.release_fence("volume:p/data", "db-2").unwrap();
+        assert_eq!(store.lease("volume:p/data").unwrap().unwrap().owner, "db-1");
+        store.release_fence("volume:p/data", "db-1").unwrap();
+        assert_eq!(store.lease("volume:p/data").unwrap(), None);
+        store
+            .acquire_fence("volume:p/data", "db-2")
+            .unwrap()
+            .unwrap();
     }
 
     #[test]
