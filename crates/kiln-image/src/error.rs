@@ -90,4 +90,56 @@ pub enum ImageError {
     },
     #[error("{0}")]
     Unsupported(String),
+    // Resolving, fetching and locking Debian packages (debian/).
+    #[error("image `{image}`: Debian package `{package}` is in none of the apt sources{}\n  hint: check the name with `apt-cache search {package}`; the sources are /etc/apt/sources.list and /etc/apt/sources.list.d/", required_by.as_ref().map(|r| format!(" (needed by {r})")).unwrap_or_default())]
+    DebianUnknownPackage {
+        image: String,
+        package: String,
+        required_by: Option<String>,
+    },
+    #[error(
+        "image `{image}`: cannot satisfy `{relation}` of {package}: {why}\n  hint: refresh the package lists with `kiln lock --update`; if it persists, these packages cannot be installed together from the machine's apt sources"
+    )]
+    DebianUnsatisfiable {
+        image: String,
+        package: String,
+        relation: String,
+        why: String,
+    },
+    #[error("apt metadata {} refused: {why}; nothing was resolved from it\n  hint: {hint}", path.display())]
+    DebianMetadata {
+        path: PathBuf,
+        why: String,
+        hint: String,
+    },
+    #[error("cached package {} refused: {why}, but kiln.lock says {package} is {expected}; it was not used\n  hint: delete it (`rm {}`) and build again: kiln downloads and verifies it anew", path.display(), path.display())]
+    DebianTampered {
+        path: PathBuf,
+        /// `name version`
+        package: String,
+        /// `sha256 HEX, N bytes`
+        expected: String,
+        why: String,
+    },
+    #[error(
+        "cannot download Debian package {package} ({filename}): {why}\n  hint: check the network and the apt sources; if the archive dropped this version, `kiln lock --update` moves to the current one"
+    )]
+    DebianFetch {
+        /// `name version`
+        package: String,
+        filename: String,
+        why: String,
+    },
+    #[error("`{command}` failed: {why}\n  hint: {hint}")]
+    DebianApt {
+        command: String,
+        why: String,
+        hint: String,
+    },
+    #[error("{}:{line}: {why}\n  hint: fix that line, or delete {} and run `kiln lock --update` to write it anew", path.display(), path.display())]
+    LockInvalid {
+        path: PathBuf,
+        line: usize,
+        why: String,
+    },
 }

@@ -9,6 +9,7 @@ mod applier;
 pub mod build;
 pub mod cache;
 pub mod config;
+pub mod debian;
 pub mod digest;
 pub mod docker_archive;
 pub mod elf;

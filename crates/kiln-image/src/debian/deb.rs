@@ -1,0 +1,1 @@
+//! Reading `.deb` files (the unpack helper writes this module).
