@@ -39,6 +39,8 @@ use crate::config::{
     LAYER_GZIP_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, ManifestDoc, RootFsDoc, host_arch, merge_env,
     oci_layer_media_type, rfc3339,
 };
+use crate::debian::deb::{self, DebSource, LockedApt};
+use crate::debian::users;
 use crate::digest::Digest;
 use crate::elf::{Closure, Loader};
 use crate::error::ImageError;
@@ -92,6 +94,11 @@ pub struct Builder<'a> {
     pub loader: Loader,
     /// dpkg's database, for the SBOM's package owners.
     pub dpkg_dir: PathBuf,
+    /// Where the `debian` packages of images come from. `None`: the first
+    /// image that has some opens [`LockedApt`] (`kiln.lock` in the
+    /// request's `context`, the apt state in the store's kiln dir);
+    /// [`Builder::finish`] writes the lock back if it changed.
+    pub debian: Option<Box<dyn DebSource + 'a>>,
 }
 
 impl std::fmt::Debug for Builder<'_> {
@@ -135,11 +142,16 @@ impl<'a> Builder<'a> {
             progress,
             loader: Loader::host(),
             dpkg_dir: PathBuf::from("/var/lib/dpkg"),
+            debian: None,
         }
     }
 
-    /// Saves the stat cache.
+    /// Saves the stat cache and the lock of the Debian packages (if the
+    /// builds changed it).
     pub fn finish(mut self) -> Result<(), ImageError> {
+        if let Some(source) = &mut self.debian {
+            source.save()?;
+        }
         self.stats.save(self.store)
     }
 
@@ -178,12 +190,6 @@ impl<'a> Builder<'a> {
 
     /// See [`build`].
     pub fn build(&mut self, req: &BuildRequest<'_>) -> Result<BuildOutcome, ImageError> {
-        if !req.image.debian.is_empty() {
-            return Err(ImageError::DebianUnsupported {
-                image: req.name.to_owned(),
-                packages: req.image.debian.clone(),
-            });
-        }
         let base = self.resolve_base(req)?;
         let arch = host_arch();
         if let Some(b) = &base {
@@ -200,12 +206,31 @@ impl<'a> Builder<'a> {
         let exclude = [req.context.join(".kiln"), self.store.root().to_path_buf()];
         let inputs = inputs::collect(req.name, req.image, req.context, &mut self.stats, &exclude)?;
         let pending = inputs.pending;
-        let mut layer = inputs.layer;
+        // Packages first, copies on top of them, then the closure of the
+        // copies, then users and dirs.
+        let (pins, mut layer) = self.debian_layer(req)?;
+        for (path, entry) in inputs.layer.entries() {
+            layer
+                .insert(path, entry.clone())
+                .map_err(ImageError::Invalid)?;
+        }
+        layer.check().map_err(|why| ImageError::BadCopy {
+            image: req.name.to_owned(),
+            why: format!("a copy conflicts with the Debian packages: {why}"),
+            hint: "copy to another path, or copy the whole directory".into(),
+        })?;
         let closure = if req.image.closure {
             self.add_closure(req.name, &inputs.elf, &mut layer)?
         } else {
             Closure::default()
         };
+        users::add_users_and_dirs(&mut layer, req.image).map_err(|why| ImageError::BadCopy {
+            image: req.name.to_owned(),
+            why,
+            hint: "fix `users` or `dirs` in kiln.toml".into(),
+        })?;
+        deb::link_shared_blobs(&mut layer, &self.store.kiln_dir());
+        let debian: Vec<String> = pins.iter().map(deb::PinnedDeb::recipe_line).collect();
 
         let base_digest = base.as_ref().map(|b| &b.digest);
         // With every input's digest known (from the stat cache), the recipe
@@ -213,8 +238,14 @@ impl<'a> Builder<'a> {
         // unknown digests come from writing the layer (one read of each
         // file, not two) and the recipe is computed afterwards.
         if pending.is_empty() {
-            let recipe =
-                cache::recipe_digest(req.image, base_digest, req.source_date_epoch, arch, &layer);
+            let recipe = cache::recipe_digest(
+                req.image,
+                base_digest,
+                req.source_date_epoch,
+                arch,
+                &debian,
+                &layer,
+            );
             if let Some(digest) = cache::lookup(self.store, &recipe) {
                 let image = self.store.load_image(&digest)?;
                 self.publish(req.name, &image, &closure, None)?;
@@ -240,7 +271,7 @@ impl<'a> Builder<'a> {
                 progress.layer_advanced(n)
             });
         self.progress.layer_finished();
-        let written = written?;
+        let written = written.map_err(|e| unpacked_changed(e, &self.store.kiln_dir()))?;
         tree.add_layer(&layer, &written.files);
         let unplaced = self.learn_digests(unplaced, &layer, &written.files, &pending);
         let recipe = cache::recipe_digest(
@@ -248,6 +279,7 @@ impl<'a> Builder<'a> {
             base_digest,
             req.source_date_epoch,
             arch,
+            &debian,
             &unplaced,
         );
         if !pending.is_empty()
@@ -298,6 +330,42 @@ impl<'a> Builder<'a> {
         self.publish(req.name, &image, &closure, Some(&tree))?;
         cache::record(self.store, &recipe, &digest)?;
         Ok(outcome(req.name, &image, false, recipe))
+    }
+
+    /// The layer of the image's Debian packages (with dpkg's database of
+    /// them) and their pins, in lock order; empty without `debian`. Each
+    /// package comes from its unpacked directory, keyed by the `.deb`'s
+    /// sha256; one that is not unpacked yet is fetched through the source
+    /// (which verifies it) and unpacked (which verifies it again).
+    fn debian_layer(
+        &mut self,
+        req: &BuildRequest<'_>,
+    ) -> Result<(Vec<deb::PinnedDeb>, Layer), ImageError> {
+        let mut layer = Layer::new();
+        if req.image.debian.is_empty() {
+            return Ok((Vec::new(), layer));
+        }
+        let kiln_dir = self.store.kiln_dir();
+        let source = match &mut self.debian {
+            Some(source) => source,
+            None => self
+                .debian
+                .insert(Box::new(LockedApt::open(req.context, &kiln_dir)?)),
+        };
+        let pins = source.packages(req.name, &req.image.debian)?;
+        let mut unpacked = Vec::with_capacity(pins.len());
+        for pin in &pins {
+            let u = match deb::cached(&kiln_dir, &pin.sha256) {
+                Some(u) => u,
+                None => {
+                    let path = source.fetch(pin)?;
+                    deb::unpack_once(&kiln_dir, &path, &pin.name, &pin.sha256)?
+                }
+            };
+            unpacked.push(u);
+        }
+        deb::add_packages(&mut layer, req.name, &unpacked)?;
+        Ok((pins, layer))
     }
 
     /// Fills the digests `unplaced` lacked from what writing `written` (the
@@ -703,10 +771,11 @@ fn image_config(
     history.push(HistoryDoc {
         created: Some(created.clone()),
         created_by: Some(
-            if closure {
-                "kiln build: copy, closure"
-            } else {
-                "kiln build: copy"
+            match (def.debian.is_empty(), closure) {
+                (true, true) => "kiln build: copy, closure",
+                (true, false) => "kiln build: copy",
+                (false, true) => "kiln build: debian, copy, closure",
+                (false, false) => "kiln build: debian, copy",
             }
             .into(),
         ),
@@ -724,6 +793,32 @@ fn image_config(
         },
         history,
     })
+}
+
+/// A file of an unpacked package that no longer has the digest it was
+/// unpacked with is named as such (the fix is to unpack it again).
+fn unpacked_changed(e: ImageError, kiln_dir: &Path) -> ImageError {
+    match e {
+        ImageError::InputChanged {
+            path,
+            expected,
+            actual,
+        } if path.starts_with(kiln_dir.join("debian").join("unpacked")) => {
+            let dir = path.parent().and_then(Path::parent).unwrap_or(&path);
+            let package = fs::read(dir.join("manifest.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<deb::DebManifest>(&b).ok())
+                .map(|m| m.control.package)
+                .unwrap_or_default();
+            ImageError::UnpackedChanged {
+                package,
+                path,
+                expected,
+                actual,
+            }
+        }
+        other => other,
+    }
 }
 
 fn outcome(name: &str, image: &Image, cached: bool, recipe: Digest) -> BuildOutcome {

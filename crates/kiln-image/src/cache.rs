@@ -262,6 +262,10 @@ struct Recipe<'a> {
     image: &'a kiln_spec::model::Image,
     base: Option<&'a Digest>,
     source_date_epoch: u64,
+    /// One line per locked Debian package: `name version arch sha256`
+    /// (left out when empty, so images without packages keep their keys).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    debian: &'a [String],
     /// One line per layer entry: `path type mode uid:gid content`.
     entries: Vec<String>,
 }
@@ -272,6 +276,7 @@ pub fn recipe_digest(
     base: Option<&Digest>,
     source_date_epoch: u64,
     arch: &str,
+    debian: &[String],
     layer: &Layer,
 ) -> Digest {
     let entries = layer
@@ -296,6 +301,7 @@ pub fn recipe_digest(
         image,
         base,
         source_date_epoch,
+        debian,
         entries,
     };
     Digest::of(&serde_json::to_vec(&recipe).expect("a recipe serialises"))
@@ -405,16 +411,16 @@ mod tests {
             *digest = Some(Digest::of(b"a"));
         }
         layer.insert("/a", file.clone()).unwrap();
-        let base = recipe_digest(&image, None, 0, "amd64", &layer);
-        assert_eq!(base, recipe_digest(&image, None, 0, "amd64", &layer));
-        assert_ne!(base, recipe_digest(&image, None, 1, "amd64", &layer));
+        let base = recipe_digest(&image, None, 0, "amd64", &[], &layer);
+        assert_eq!(base, recipe_digest(&image, None, 0, "amd64", &[], &layer));
+        assert_ne!(base, recipe_digest(&image, None, 1, "amd64", &[], &layer));
         assert_ne!(
             base,
-            recipe_digest(&image, Some(&Digest::of(b"b")), 0, "amd64", &layer)
+            recipe_digest(&image, Some(&Digest::of(b"b")), 0, "amd64", &[], &layer)
         );
         let mut env = image.clone();
         env.env.insert("A".into(), "1".into());
-        assert_ne!(base, recipe_digest(&env, None, 0, "amd64", &layer));
+        assert_ne!(base, recipe_digest(&env, None, 0, "amd64", &[], &layer));
         let mut moded = layer.clone();
         moded
             .insert(
@@ -425,7 +431,7 @@ mod tests {
                 },
             )
             .unwrap();
-        assert_ne!(base, recipe_digest(&image, None, 0, "amd64", &moded));
+        assert_ne!(base, recipe_digest(&image, None, 0, "amd64", &[], &moded));
         // The host path of an input is not part of the key.
         let mut moved = Layer::new();
         let mut elsewhere = file.clone();
@@ -433,6 +439,9 @@ mod tests {
             *source = FileSource::Host("/other/checkout/x".into());
         }
         moved.insert("/a", elsewhere).unwrap();
-        assert_eq!(base, recipe_digest(&image, None, 0, "amd64", &moved));
+        assert_eq!(base, recipe_digest(&image, None, 0, "amd64", &[], &moved));
+        // The locked packages are part of it.
+        let pins = ["libc6 2.36-9 amd64 sha256:00".to_owned()];
+        assert_ne!(base, recipe_digest(&image, None, 0, "amd64", &pins, &layer));
     }
 }

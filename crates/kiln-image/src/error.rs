@@ -49,10 +49,33 @@ pub enum ImageError {
         why: String,
         hint: String,
     },
-    #[error("image `{image}`: Debian packages ({}) are not supported yet (issue 7); nothing was built\n  hint: remove `debian` from [image.{image}] and build from a base image that has them (`from = \"oci-layout:DIR\"` made with `skopeo copy docker://debian:12 oci:DIR`)", packages.join(", "))]
-    DebianUnsupported {
+    #[error("package `{package}`: {} is not a valid .deb: {source}; it was refused and nothing of it was used\n  hint: delete the file so that it is downloaded again; if it comes back the same, the package is broken (report it)", deb.display())]
+    BadDeb {
+        package: String,
+        deb: PathBuf,
+        source: crate::debian::deb::DebError,
+    },
+    #[error("package `{package}`: {} hashes to {actual}, not to {expected} (kiln.lock); it was refused and nothing of it was used\n  hint: delete the file so that it is downloaded and verified again; `kiln lock --update` if the lock is what is wrong", deb.display())]
+    DebMismatch {
+        package: String,
+        deb: PathBuf,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("image `{image}`: /{path} is in both package `{}` and package `{}`, differently ({why}); dpkg would refuse to install both\n  hint: drop one of the packages from `debian`, or override the path with a `copy`", packages.0, packages.1)]
+    PackageConflict {
         image: String,
-        packages: Vec<String>,
+        path: String,
+        /// The first package that has it, and the one that has it otherwise.
+        packages: Box<(String, String)>,
+        why: String,
+    },
+    #[error("{} (unpacked package `{package}`) changed since it was unpacked (expected {expected}, read {actual}); nothing was built from it\n  hint: delete {} so that the package is unpacked again from its verified .deb", path.display(), path.parent().and_then(std::path::Path::parent).unwrap_or(path).display())]
+    UnpackedChanged {
+        package: String,
+        path: PathBuf,
+        expected: Digest,
+        actual: Digest,
     },
     #[error("image `{image}`: base `{base}` {why}\n  hint: {hint}")]
     BaseUnavailable {

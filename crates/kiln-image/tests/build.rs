@@ -348,15 +348,6 @@ fn errors_name_the_image_and_say_what_to_do() {
         "{err}"
     );
 
-    let debian = "[project]\nname = \"x\"\n[image.web]\ndebian = [\"ca-certificates\"]\n";
-    let err = build_spec(&store, debian, p).unwrap_err();
-    assert!(matches!(err, ImageError::DebianUnsupported { .. }));
-    assert!(
-        err.to_string().contains("not supported yet")
-            && err.to_string().contains("ca-certificates"),
-        "{err}"
-    );
-
     let missing = format!("sha256:{}", "a".repeat(64));
     let err = build_spec(
         &store,

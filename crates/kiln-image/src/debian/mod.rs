@@ -56,6 +56,7 @@ pub mod fetch;
 pub mod lock;
 pub mod release;
 pub mod resolve;
+pub mod users;
 pub mod version;
 
 use std::path::{Path, PathBuf};
