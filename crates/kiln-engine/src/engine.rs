@@ -94,6 +94,9 @@ pub struct Engine {
     /// Until the interrupted rollout (if any) was picked up after a
     /// restart: the reconciler leaves `rolling-out` generations alone.
     pub(crate) resume_pending: std::sync::atomic::AtomicBool,
+    /// Backup instances running now (never recorded: not orphans while
+    /// they run, removed as orphans after a crash).
+    pub(crate) backups: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// How long leases last without renewal.
@@ -153,6 +156,7 @@ impl Engine {
             reconcile: Mutex::default(),
             inherited: Mutex::new(inherited),
             resume_pending: std::sync::atomic::AtomicBool::new(true),
+            backups: Mutex::default(),
             opts,
         });
         if let Some(w) = &engine.driver_warning {
@@ -261,7 +265,19 @@ impl Engine {
         generation: Option<u64>,
         message: String,
     ) {
-        let mut new = NewEvent::new(kind, subject, message);
+        self.event_with(kind, subject, generation, message, serde_json::Value::Null);
+    }
+
+    /// [`Engine::event`] with structured data (`kiln events --json`).
+    pub(crate) fn event_with(
+        &self,
+        kind: &str,
+        subject: impl Into<String>,
+        generation: Option<u64>,
+        message: String,
+        data: serde_json::Value,
+    ) {
+        let mut new = NewEvent::new(kind, subject, message).with_data(data);
         new.generation = generation;
         match self.store.append_event(&new) {
             Ok(seq) => {
@@ -396,9 +412,24 @@ impl Engine {
                 spec.identity()
             ));
         }
+        // An exclusive volume is open in at most one instance: its fence is
+        // taken before the instance exists (see `fence.rs`).
+        let volumes = crate::fence::exclusive_volumes(generation, service);
+        if !volumes.is_empty() {
+            let wait =
+                Duration::from_millis(generation.spec.services[service].deploy.deadline.millis);
+            self.take_fences(id, &volumes, wait, Some(number)).await?;
+        }
         let mut ports = BTreeMap::new();
         for name in spec.ports.keys() {
-            ports.insert(name.clone(), self.materials.allocate_port()?);
+            match self.materials.allocate_port() {
+                Ok(port) => ports.insert(name.clone(), port),
+                Err(e) => {
+                    self.materials.release_ports(ports.values().copied());
+                    self.release_fences(id);
+                    return Err(e);
+                }
+            };
         }
         let upsert = InstanceUpsert {
             id: id.to_owned(),
@@ -410,9 +441,11 @@ impl Engine {
             in_rotation: false,
             data: json!({ "ports": ports, "driver": self.driver.name() }),
         };
-        self.store
-            .upsert_instance(&upsert)
-            .map_err(|e| e.to_string())?;
+        if let Err(e) = self.store.upsert_instance(&upsert) {
+            self.materials.release_ports(ports.values().copied());
+            self.release_fences(id);
+            return Err(e.to_string());
+        }
         let docker = matches!(*self.driver, AnyDriver::Docker(_));
         let this = self.clone();
         let (generation_c, service_c, id_c, ports_c) = (
@@ -450,6 +483,15 @@ impl Engine {
             Err(e) => {
                 let _ = self.store.remove_instance(id);
                 self.materials.release_ports(ports.values().copied());
+                // The volume goes back only if the driver has nothing left.
+                let id_c = id.to_owned();
+                let gone = matches!(
+                    self.blocking(move |d| d.inspect(&id_c)).await,
+                    Err(kiln_runtime::RuntimeError::NotFound { .. })
+                );
+                if gone {
+                    self.release_fences(id);
+                }
                 return Err(format!("cannot start {id}: {e}"));
             }
         };
@@ -748,6 +790,17 @@ impl Engine {
             task.abort();
         }
         let grace = grace.unwrap_or(Duration::from_secs(10));
+        // A pidfd of its process, taken before the stop: the volume is
+        // released once that process is gone, not merely asked to go.
+        let id_c = id.to_owned();
+        let pid = match self.blocking(move |d| d.inspect(&id_c)).await {
+            Ok(kiln_runtime::InstanceInfo {
+                state: InstanceState::Running { pid },
+                ..
+            }) => pid.filter(|_| !matches!(*self.driver, AnyDriver::Fake(_))),
+            _ => None,
+        };
+        let exit = pid.and_then(pidfd);
         let id_c = id.to_owned();
         let result = self
             .blocking(move |d| {
@@ -762,12 +815,23 @@ impl Engine {
                 d.remove(&id_c)
             })
             .await;
+        let result = match (result, exit) {
+            (Ok(()), Some(fd)) => wait_exited(fd, EXIT_WAIT).await.map_err(|()| {
+                format!(
+                    "its process {} is still running after the stop",
+                    pid.unwrap_or(0)
+                )
+            }),
+            (Ok(()), None) => Ok(()),
+            (Err(e), _) => Err(e.to_string()),
+        };
         if let Err(e) = result {
             if let Some(l) = self.live.lock().expect("live").get_mut(id) {
                 l.stopping = false;
             }
             return Err(format!("cannot destroy {id}: {e}"));
         }
+        self.release_fences(id);
         self.live.lock().expect("live").remove(id);
         self.materials.release_ports(ports);
         self.store
@@ -795,20 +859,30 @@ impl Engine {
                 Vec::new()
             }
         };
-        let running: HashMap<String, kiln_runtime::InstanceInfo> =
+        let mut running: HashMap<String, kiln_runtime::InstanceInfo> =
             listed.into_iter().map(|i| (i.id.clone(), i)).collect();
         let active = self.active()?;
-        for info in running.values() {
-            if records.iter().all(|r| r.id != info.id) {
-                let id = info.id.clone();
-                let _ = self.destroy(&id, Some(Duration::from_secs(2))).await;
-                self.event(
-                    "drift.orphan",
-                    format!("instance/{id}"),
-                    None,
-                    format!("{id} runs with kiln's labels but is in no record (left by a crash): removed"),
-                );
+        let orphans: Vec<String> = running
+            .keys()
+            .filter(|id| records.iter().all(|r| &r.id != *id))
+            .cloned()
+            .collect();
+        for id in orphans {
+            let removed = self
+                .destroy(&id, Some(Duration::from_secs(2)))
+                .await
+                .is_ok();
+            if removed {
+                running.remove(&id);
             }
+            self.event(
+                "drift.orphan",
+                format!("instance/{id}"),
+                None,
+                format!(
+                    "{id} runs with kiln's labels but is in no record (left by a crash): removed"
+                ),
+            );
         }
         for rec in &records {
             let ports: BTreeMap<String, u16> =
@@ -846,6 +920,9 @@ impl Engine {
                 }
             }
         }
+        // Volumes: what the driver still has keeps (or takes back) its
+        // fences; the fences of instances that are gone are released.
+        self.adopt_fences(&running.keys().cloned().collect());
         if let Some((_, generation)) = &active {
             for (name, route) in &generation.spec.routes {
                 if let Err(e) = self.configure_route(name, route).await {
@@ -1191,7 +1268,26 @@ pub fn parse_listen(listen: &str) -> Result<std::net::SocketAddr, String> {
         .map_err(|_| format!("route listen address `{listen}` is not HOST:PORT"))
 }
 
-fn pidfd(pid: u32) -> Option<std::os::fd::OwnedFd> {
+/// How long a destroyed instance's process may take to be gone after the
+/// driver said it stopped (the local drivers only return once it is).
+const EXIT_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until the process behind `fd` (a pidfd) has ended, at most
+/// `limit`.
+pub(crate) async fn wait_exited(fd: std::os::fd::OwnedFd, limit: Duration) -> Result<(), ()> {
+    // `new` is deprecated for fds the caller might close behind tokio's
+    // back; this OwnedFd is moved in and owned by it.
+    #[allow(deprecated)]
+    let Ok(fd) = tokio::io::unix::AsyncFd::new(fd) else {
+        return Ok(());
+    };
+    match tokio::time::timeout(limit, fd.readable()).await {
+        Ok(_) => Ok(()),
+        Err(_) => Err(()),
+    }
+}
+
+pub(crate) fn pidfd(pid: u32) -> Option<std::os::fd::OwnedFd> {
     let pid = rustix::process::Pid::from_raw(i32::try_from(pid).ok()?)?;
     rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::NONBLOCK).ok()
 }

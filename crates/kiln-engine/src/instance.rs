@@ -270,23 +270,22 @@ impl Materials {
                 read_only: true,
             })
             .collect();
-        let mut volumes = Vec::new();
-        for (target, mount) in &spec.volumes {
-            let dir = self.volume_dir(&mount.volume);
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| format!("cannot create volume {}: {e}", dir.display()))?;
-            volumes.push(Mount {
-                source: dir,
-                target: target.clone(),
-                read_only: mount.read_only,
-            });
-        }
         let user = match cfg.user().as_deref() {
             None | Some("") => None,
             Some(u) => Some(parse_user(u).ok_or_else(|| {
                 format!("image user `{u}` is not numeric (uid[:gid])\n  hint: set `user = \"1000:1000\"` in the [image] block")
             })?),
         };
+        let mut volumes = Vec::new();
+        for (target, mount) in &spec.volumes {
+            let dir = self.volume_dir(&mount.volume);
+            create_volume(&dir, user)?;
+            volumes.push(Mount {
+                source: dir,
+                target: target.clone(),
+                read_only: mount.read_only,
+            });
+        }
         let log_dir = self.log_dir(id);
         std::fs::create_dir_all(&log_dir)
             .map_err(|e| format!("cannot create {}: {e}", log_dir.display()))?;
@@ -403,6 +402,35 @@ pub fn expand(arg: &str, env: &BTreeMap<String, String>) -> String {
     out
 }
 
+/// Creates a volume's directory the first time, owned by the instance's
+/// user (`uid:gid` of the image), so a program that does not run as root
+/// (PostgreSQL as 999) can write it. An existing directory is left as it is:
+/// its owner may have been chosen on purpose.
+fn create_volume(dir: &Path, user: Option<(u32, u32)>) -> Result<(), String> {
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(format!("cannot create volume {}: {e}", dir.display())),
+    }
+    match user {
+        Some((uid, gid)) if (uid, gid) != (0, 0) => {
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(|e| {
+                // Not left half made: the next attempt creates and chowns again.
+                let _ = std::fs::remove_dir(dir);
+                format!(
+                    "cannot give volume {} to the image's user {uid}:{gid}: {e}\n  hint: kiln must run as root to run an image with a non-root user",
+                    dir.display()
+                )
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 fn parse_user(user: &str) -> Option<(u32, u32)> {
     match user.split_once(':') {
         Some((u, g)) => Some((u.parse().ok()?, g.parse().ok()?)),
@@ -429,6 +457,31 @@ mod tests {
         assert_eq!(expand("--port=${PORT}", &env), "--port=8080");
         assert_eq!(expand("${MISSING}x", &env), "x");
         assert_eq!(expand("$$PORT $PORT ${", &env), "$PORT $PORT ${");
+    }
+
+    #[test]
+    fn a_new_volume_belongs_to_the_image_user_and_an_old_one_is_left_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("volumes/data");
+        let me = (
+            rustix::process::getuid().as_raw(),
+            rustix::process::getgid().as_raw(),
+        );
+        create_volume(&dir, Some(me)).unwrap();
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(&dir).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), me);
+        if me.0 == 0 {
+            // As root: PostgreSQL's uid gets a new volume...
+            let other = tmp.path().join("volumes/pg");
+            create_volume(&other, Some((999, 999))).unwrap();
+            let meta = std::fs::metadata(&other).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (999, 999));
+            // ...and an existing one is not taken from whoever owns it.
+            create_volume(&dir, Some((999, 999))).unwrap();
+            let meta = std::fs::metadata(&dir).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), me);
+        }
     }
 
     #[test]

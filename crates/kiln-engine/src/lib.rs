@@ -7,14 +7,19 @@
 //!   and health monitors, routes, adoption after a restart.
 //! - `rollout.rs`: applying and rolling back generations, step by step,
 //!   journaled, reverted on failure; `reconcile.rs`: healing and drift.
+//! - `fence.rs`: an exclusive volume is open in at most one instance (a
+//!   fence per volume in the state store); `backup.rs`: the backup hook run
+//!   before a service's instances are replaced.
 //! - [`server`] and [`client`]: the HTTP API on a Unix socket ([`api`]).
 //!
 //! None of the crates it composes depends on another; only this one does.
 
 pub mod api;
+mod backup;
 pub mod client;
 pub mod engine;
 pub mod failpoint;
+mod fence;
 pub mod handover;
 pub mod health;
 pub mod images;

@@ -227,9 +227,18 @@ impl Engine {
         let mut findings = Vec::new();
         let active = self.active_generation();
         let records = self.store.list_instances(None).unwrap_or_default();
-        let listed = self.blocking(|d| d.list()).await.unwrap_or_default();
+        let listed = self.blocking(|d| d.list()).await;
+        if act && let Ok(listed) = &listed {
+            // Fences of instances the driver no longer has are stale.
+            let mut ids: std::collections::BTreeSet<String> =
+                listed.iter().map(|i| i.id.clone()).collect();
+            ids.extend(self.backups.lock().expect("backups").iter().cloned());
+            self.sweep_fences(&ids);
+        }
+        let listed = listed.unwrap_or_default();
+        let backups = self.backups.lock().expect("backups").clone();
         for info in &listed {
-            if records.iter().all(|r| r.id != info.id) {
+            if records.iter().all(|r| r.id != info.id) && !backups.contains(&info.id) {
                 let removed = act
                     && self
                         .destroy(&info.id, Some(Duration::from_secs(2)))

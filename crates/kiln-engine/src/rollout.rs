@@ -456,6 +456,7 @@ impl Engine {
         progress: &Progress,
     ) -> Result<(), String> {
         let started = Instant::now();
+        let sources = self.backup_sources(generation, plan);
         for (index, step) in plan.steps.iter().enumerate() {
             let action = action_name(step);
             let index = u32::try_from(index).unwrap_or(u32::MAX);
@@ -471,7 +472,7 @@ impl Engine {
                 .map_err(|e| format!("cannot journal step {index} ({action}): {e}"))?;
             failpoint::hit(&format!("before:{action}"));
             match self
-                .run_step(number, generation, step, started, progress)
+                .run_step(number, generation, step, started, &sources, progress)
                 .await
             {
                 Ok(()) => {
@@ -497,9 +498,36 @@ impl Engine {
         generation: &Generation,
         step: &Step,
         started: Instant,
+        sources: &BTreeMap<String, (u64, Generation)>,
         progress: &Progress,
     ) -> Result<(), String> {
         match step {
+            Step::Backup {
+                service,
+                command,
+                timeout,
+            } => match sources.get(service) {
+                Some(source) => {
+                    self.run_backup(
+                        number,
+                        generation,
+                        source,
+                        service,
+                        command,
+                        Duration::from_millis(timeout.millis),
+                        progress,
+                    )
+                    .await?;
+                }
+                None => self.event(
+                    "service.backup-skipped",
+                    format!("service/{service}"),
+                    Some(number),
+                    format!(
+                        "backup of {service} skipped: no earlier generation of it is known to run it in"
+                    ),
+                ),
+            },
             Step::CreateInstance {
                 id,
                 service,
@@ -610,6 +638,43 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// For each service the plan backs up: the generation its current
+    /// instances run (read before the plan stops them), else the active one.
+    fn backup_sources(
+        &self,
+        generation: &Generation,
+        plan: &Plan,
+    ) -> BTreeMap<String, (u64, Generation)> {
+        let mut sources = BTreeMap::new();
+        for step in &plan.steps {
+            let Step::Backup { service, .. } = step else {
+                continue;
+            };
+            let identity = generation.instance_spec(service).identity();
+            let running = self
+                .store
+                .list_instances(Some(service))
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|r| r.identity != identity.0)
+                .map(|r| r.generation)
+                .max();
+            let number = running.or_else(|| {
+                self.store
+                    .active_generation()
+                    .ok()
+                    .flatten()
+                    .map(|a| a.number)
+            });
+            if let Some(n) = number
+                && let Ok(g) = load_generation(&self.store, n)
+            {
+                sources.insert(service.clone(), (n, g));
+            }
+        }
+        sources
     }
 
     pub(crate) fn grace_of(&self, id: &str, generation: &Generation) -> Duration {
@@ -987,6 +1052,7 @@ pub(crate) fn action_name(step: &Step) -> &'static str {
         Step::DestroyInstance { .. } => "destroy-instance",
         Step::ConfigureRoute { .. } => "configure-route",
         Step::RemoveRoute { .. } => "remove-route",
+        Step::Backup { .. } => "backup",
     }
 }
 
