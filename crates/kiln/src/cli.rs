@@ -73,6 +73,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Pin each image's Debian packages (versions and digests) in kiln.lock
+    #[command(
+        after_help = "Without --update, only images missing from kiln.lock (or whose `debian` list changed) are resolved.\nThe change is printed as a diff on stdout.\n\nExamples:\n  kiln lock\n  kiln lock examples/shop --update   # refresh the package lists, move every version forward"
+    )]
+    Lock {
+        #[command(flatten)]
+        project: ProjectArg,
+        /// Refresh the package lists and resolve every image again
+        #[arg(long)]
+        update: bool,
+    },
     /// Manage the image store: list, inspect, import, export, push, pull, sign, verify, gc
     #[command(subcommand)]
     Image(ImageCommand),

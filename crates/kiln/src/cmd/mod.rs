@@ -6,6 +6,7 @@ mod engine;
 mod history;
 mod image;
 mod key;
+mod lock;
 mod plan;
 mod transfer;
 mod validate;
@@ -27,6 +28,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             detailed_exitcode,
         } => plan::run(&project.path, json, detailed_exitcode, color),
         Command::Build { project, json } => build::run(&project.path, json),
+        Command::Lock { project, update } => lock::run(&project.path, update),
         Command::Image(cmd) => image::run(cmd),
         Command::Key(cmd) => key::run(cmd),
         Command::History { project, json } => history::run(&project.path, json),
