@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 
 use crate::config::{Backend, LoadBalance};
 use crate::http::UpBody;
+use crate::raw::RawConn;
 use crate::stats::{BackendCounters, Gauge};
 
 /// Longest precomputed round-robin sequence; larger weight sums are scaled
@@ -33,6 +34,7 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 pub(crate) type Sender = http1::SendRequest<UpBody>;
 /// Idle connections and since when, most recently used last.
 type IdleList = Vec<(Sender, Instant)>;
+type RawIdleList = Vec<(RawConn, Instant)>;
 
 /// The keep-alive pool to one backend address: idle HTTP/1.1 connections,
 /// last in first out. Each backend has its own, so when a removed backend's
@@ -44,6 +46,8 @@ type IdleList = Vec<(Sender, Instant)>;
 #[derive(Debug)]
 pub(crate) struct ClientCell {
     idle: Box<[Mutex<IdleList>]>,
+    /// Connections of the fast path (`crate::raw`), per worker too.
+    raw: Box<[Mutex<RawIdleList>]>,
     reaper: OnceLock<()>,
 }
 
@@ -70,8 +74,39 @@ impl ClientCell {
     pub(crate) fn new(workers: usize) -> ClientCell {
         ClientCell {
             idle: (0..workers.max(1)).map(|_| Mutex::default()).collect(),
+            raw: (0..workers.max(1)).map(|_| Mutex::default()).collect(),
             reaper: OnceLock::new(),
         }
+    }
+
+    fn raw_idle(&self) -> std::sync::MutexGuard<'_, RawIdleList> {
+        let slot = &self.raw[crate::workers::current() % self.raw.len()];
+        slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fast-path connection (and whether it was reused): an idle one that
+    /// still looks open, or a new one.
+    pub(crate) async fn checkout_raw(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+    ) -> Result<(RawConn, bool), ConnectError> {
+        loop {
+            let idle = self.raw_idle().pop();
+            let Some((mut conn, since)) = idle else {
+                break;
+            };
+            if since.elapsed() < POOL_IDLE_TIMEOUT && conn.looks_alive() {
+                return Ok((conn, true));
+            }
+        }
+        let stream = connect(addr).await?;
+        self.start_reaper();
+        Ok((RawConn::new(stream), false))
+    }
+
+    /// Returns a fast-path connection whose response was read to the end.
+    pub(crate) fn checkin_raw(&self, conn: RawConn) {
+        self.raw_idle().push((conn, Instant::now()));
     }
 
     fn idle(&self) -> std::sync::MutexGuard<'_, IdleList> {
@@ -99,18 +134,20 @@ impl ClientCell {
                 return Ok((sender, true));
             }
         }
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => return Err(ConnectError::Io(e)),
-            Err(_) => return Err(ConnectError::TimedOut),
-        };
-        let _ = stream.set_nodelay(true);
+        let stream = connect(addr).await?;
         let (sender, conn) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(ConnectError::Handshake)?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
+        self.start_reaper();
+        Ok((sender, false))
+    }
+
+    /// Drops idle connections past the idle timeout, every so often, while
+    /// the pool exists.
+    fn start_reaper(self: &Arc<Self>) {
         self.reaper.get_or_init(|| {
             let weak = Arc::downgrade(self);
             tokio::spawn(async move {
@@ -125,10 +162,14 @@ impl ClientCell {
                                 since.elapsed() < POOL_IDLE_TIMEOUT && !s.is_closed()
                             });
                     }
+                    for slot in &cell.raw {
+                        slot.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .retain(|(_, since)| since.elapsed() < POOL_IDLE_TIMEOUT);
+                    }
                 }
             });
         });
-        Ok((sender, false))
     }
 
     /// Returns a connection whose response was read to the end.
@@ -137,6 +178,17 @@ impl ClientCell {
             self.idle().push((sender, Instant::now()));
         }
     }
+}
+
+/// A TCP connection to a backend, with TCP_NODELAY.
+async fn connect(addr: SocketAddr) -> Result<TcpStream, ConnectError> {
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(ConnectError::Io(e)),
+        Err(_) => return Err(ConnectError::TimedOut),
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }
 
 #[derive(Debug)]

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 use crate::balance::{BackendSet, ClientCell, ConnectError, Sender};
 use crate::config::RouteConfig;
+use crate::raw::{Head, RawBody, RawConn, RawError};
 use crate::route::{ConnGuard, RouteShared};
 use crate::stats::{BackendCounters, CLASS_5XX, InFlightGuard, class_of};
 
@@ -171,17 +172,27 @@ impl Body for UpBody {
 #[derive(Debug)]
 pub(crate) enum ProxyBody {
     Full(Option<Bytes>),
-    Upstream { inner: Incoming, done: ResponseDone },
+    Upstream {
+        inner: Incoming,
+        done: ResponseDone,
+    },
+    /// Read by this body itself from a fast-path connection.
+    Raw {
+        body: RawBody,
+        _done: ResponseDone,
+    },
 }
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             ProxyBody::Upstream { inner, done } => {
@@ -191,8 +202,11 @@ impl Body for ProxyBody {
                     Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => done.reusable(),
                     _ => {}
                 }
-                frame
+                frame.map(|f| f.map(|r| r.map_err(BoxError::from)))
             }
+            ProxyBody::Raw { body, .. } => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BoxError::from))),
         }
     }
 
@@ -200,6 +214,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Full(data) => data.is_none(),
             ProxyBody::Upstream { inner, .. } => inner.is_end_stream(),
+            ProxyBody::Raw { body, .. } => body.is_end_stream(),
         }
     }
 
@@ -209,6 +224,7 @@ impl Body for ProxyBody {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             ProxyBody::Upstream { inner, .. } => inner.size_hint(),
+            ProxyBody::Raw { body, .. } => body.size_hint(),
         }
     }
 }
@@ -267,26 +283,38 @@ const HOP_BY_HOP: [&str; 9] = [
 ];
 
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most heads carry none: one pass over the names instead of a hashed
-    // lookup per hop-by-hop name.
-    if !headers
-        .keys()
-        .any(|name| HOP_BY_HOP.contains(&name.as_str()))
-    {
+    // One pass over the names; most heads carry none, or only `Connection`.
+    let mut present = [false; HOP_BY_HOP.len()];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name.as_str()) {
+            present[i] = true;
+            any = true;
+        }
+    }
+    if !any {
         return;
     }
-    let listed: Vec<HeaderName> = headers
+    // Names listed in `Connection` are hop-by-hop too (removed by `&str`:
+    // no header name is allocated).
+    let listed: Vec<HeaderValue> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .cloned()
         .collect();
-    for name in listed {
-        headers.remove(name);
+    for value in &listed {
+        let Ok(value) = value.to_str() else { continue };
+        for name in value.split(',') {
+            let name = name.trim();
+            if !name.is_empty() {
+                headers.remove(name);
+            }
+        }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+    for (name, present) in HOP_BY_HOP.iter().zip(present) {
+        if present {
+            headers.remove(*name);
+        }
     }
 }
 
@@ -509,34 +537,59 @@ async fn handle(conn: &Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody>
         let entry = &set.entries[i];
         let in_flight = InFlightGuard::new(entry.gauge.clone());
         let started = Instant::now();
-        let uri = Uri::from(path.clone());
-        if !headers.contains_key(header::HOST)
-            && let Some(v) = &entry.host_header
-        {
-            headers.insert(header::HOST, v.clone());
-        }
-        let up_body = match &slot {
-            None => UpBody::Empty,
-            Some(slot) => UpBody::Slot {
-                slot: slot.clone(),
-                taken: None,
-                hint,
-            },
-        };
-        let mut upstream = Request::new(up_body);
-        *upstream.method_mut() = parts.method.clone();
-        *upstream.uri_mut() = uri;
-        *upstream.version_mut() = Version::HTTP_11;
-        *upstream.headers_mut() = headers.clone();
-
         let attempt = async {
             let addr = entry.backend.addr;
+            if retry_closed {
+                // Fast path: may be sent twice, so a pooled connection
+                // that turns out closed is retried on a fresh one.
+                let host = (!headers.contains_key(header::HOST))
+                    .then_some(entry.host_header.as_ref())
+                    .flatten();
+                let (mut c, mut reused) = entry
+                    .client
+                    .checkout_raw(addr)
+                    .await
+                    .map_err(Failed::Connect)?;
+                loop {
+                    match c
+                        .exchange(&parts.method, path.as_str(), &headers, host)
+                        .await
+                    {
+                        Ok(head) => return Ok(Got::Raw(head, c)),
+                        Err(e) if reused && e.closed_before_response() => {
+                            (c, reused) = entry
+                                .client
+                                .checkout_raw(addr)
+                                .await
+                                .map_err(Failed::Connect)?;
+                        }
+                        Err(e) => return Err(Failed::Raw(e)),
+                    }
+                }
+            }
+            if !headers.contains_key(header::HOST)
+                && let Some(v) = &entry.host_header
+            {
+                headers.insert(header::HOST, v.clone());
+            }
+            let up_body = match &slot {
+                None => UpBody::Empty,
+                Some(slot) => UpBody::Slot {
+                    slot: slot.clone(),
+                    taken: None,
+                    hint,
+                },
+            };
+            let mut req = Request::new(up_body);
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = Uri::from(path.clone());
+            *req.version_mut() = Version::HTTP_11;
+            *req.headers_mut() = headers.clone();
             let (mut sender, mut reused) =
                 entry.client.checkout(addr).await.map_err(Failed::Connect)?;
-            let mut req = upstream;
             loop {
                 match sender.try_send_request(req).await {
-                    Ok(response) => return Ok((response, sender)),
+                    Ok(response) => return Ok(Got::Hyper(response, sender)),
                     Err(mut e) => match e.take_message() {
                         // Never sent: a pooled connection that just closed.
                         Some(r) if reused => {
@@ -550,21 +603,37 @@ async fn handle(conn: &Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody>
             }
         };
         match tokio::time::timeout_at(deadline, attempt).await {
-            Ok(Ok((response, sender))) => {
+            Ok(Ok(got)) => {
+                let mut response = match got {
+                    Got::Raw(head, c) => {
+                        let body = RawBody::new(c, &head, entry.client.clone());
+                        let done =
+                            ResponseDone::new(in_flight, entry.counters.clone(), started, None);
+                        let mut response = Response::new(ProxyBody::Raw { body, _done: done });
+                        *response.status_mut() = head.status;
+                        *response.headers_mut() = head.headers;
+                        response
+                    }
+                    Got::Hyper(response, sender) => {
+                        let (rparts, rbody) = response.into_parts();
+                        let conn = Some((entry.client.clone(), sender));
+                        let mut done =
+                            ResponseDone::new(in_flight, entry.counters.clone(), started, conn);
+                        if rbody.is_end_stream() {
+                            done.reusable();
+                        }
+                        Response::from_parts(rparts, ProxyBody::Upstream { inner: rbody, done })
+                    }
+                };
                 let class = class_of(response.status().as_u16());
                 entry.counters.record(class);
                 route.counters.record(class);
-                let (mut rparts, rbody) = response.into_parts();
-                strip_hop_by_hop(&mut rparts.headers);
+                let rheaders = response.headers_mut();
+                strip_hop_by_hop(rheaders);
                 if let Some(v) = &entry.id_header {
-                    rparts.headers.insert(BACKEND, v.clone());
+                    rheaders.insert(BACKEND, v.clone());
                 }
-                let conn = Some((entry.client.clone(), sender));
-                let mut done = ResponseDone::new(in_flight, entry.counters.clone(), started, conn);
-                if rbody.is_end_stream() {
-                    done.reusable();
-                }
-                return Response::from_parts(rparts, ProxyBody::Upstream { inner: rbody, done });
+                return response;
             }
             Ok(Err(Failed::Connect(error))) => {
                 let id = &entry.backend.id;
@@ -585,11 +654,17 @@ async fn handle(conn: &Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody>
                 }
                 break;
             }
-            Ok(Err(Failed::Send(error))) => {
+            Ok(Err(failed)) => {
                 let id = &entry.backend.id;
                 entry.counters.record(CLASS_5XX);
-                failure = Some(format!("instance {id}: {}", cause(&error)));
-                if retry_closed && closed_before_response(&error) {
+                let (why, closed) = match &failed {
+                    Failed::Send(e) => (cause(e), closed_before_response(e)),
+                    Failed::Raw(e) => (e.to_string(), e.closed_before_response()),
+                    // Handled by the arm above.
+                    Failed::Connect(e) => (e.to_string(), false),
+                };
+                failure = Some(format!("instance {id}: {why}"));
+                if retry_closed && closed {
                     // Most likely a pooled connection the backend was closing:
                     // with no other backend left, try this one once more (on
                     // a fresh connection, as the pool dropped the dead one).
@@ -635,8 +710,16 @@ async fn handle(conn: &Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody>
 enum Failed {
     /// No connection: nothing was sent.
     Connect(ConnectError),
-    /// Sending the request or reading the response head.
+    /// Sending the request or reading the response head (hyper's client).
     Send(hyper::Error),
+    /// The same on the fast path.
+    Raw(RawError),
+}
+
+/// A response head from a backend, and the connection it came on.
+enum Got {
+    Hyper(Response<Incoming>, Sender),
+    Raw(Head, RawConn),
 }
 
 #[cfg(test)]

@@ -95,6 +95,7 @@ mod balance;
 mod config;
 mod error;
 mod http;
+mod raw;
 mod route;
 mod stats;
 mod tcp;
