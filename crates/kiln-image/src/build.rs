@@ -1,16 +1,20 @@
 //! The builder: one `[image.NAME]` in, one content-addressed image out.
 //!
-//! An image is its base's layers plus **one** new layer holding every copy
-//! and, with `closure = true`, the shared libraries the copied ELF binaries
-//! need (see [`crate::elf`]). The config is an OCI image config for this
+//! An image is its base's layers plus **one** new layer holding the files
+//! of its Debian packages (with dpkg's database of them), every copy on top
+//! of them, with `closure = true` the shared libraries the copied ELF
+//! binaries need (see [`crate::elf`]), and the `users` and `dirs`. The config is an OCI image config for this
 //! host's architecture with `created` = `SOURCE_DATE_EPOCH`; the manifest is
 //! an OCI v1 manifest with gzip layers. Same inputs, same bytes, same
 //! digest, whatever the checkout path, the files' times or the machine.
 //!
-//! Steps, in order: refuse what is not supported (`debian`); resolve the
-//! base to a manifest digest; read the copies (content digests from the
-//! stat cache); add the closure; compute the recipe digest (see
-//! [`crate::cache`]) and return the cached image if it is complete; else
+//! Steps, in order: resolve the base to a manifest digest; read the copies
+//! (content digests from the stat cache); get the image's locked packages
+//! from the [`DebSource`] and each one's unpacked directory (fetching and
+//! unpacking only a package not unpacked yet: see [`crate::debian::deb`]);
+//! add the closure, users and dirs; compute the recipe digest (see
+//! [`crate::cache`]; it lists the packages' pins) and return the cached
+//! image if it is complete; else
 //! write the layer (placing paths through the base's symlinks), the config
 //! and the manifest, tag the result, write the SBOM, record the recipe.
 //!
@@ -208,7 +212,7 @@ impl<'a> Builder<'a> {
         let pending = inputs.pending;
         // Packages first, copies on top of them, then the closure of the
         // copies, then users and dirs.
-        let (pins, mut layer) = self.debian_layer(req)?;
+        let (pins, unpacked, mut layer) = self.debian_layer(req)?;
         for (path, entry) in inputs.layer.entries() {
             layer
                 .insert(path, entry.clone())
@@ -230,6 +234,7 @@ impl<'a> Builder<'a> {
             hint: "fix `users` or `dirs` in kiln.toml".into(),
         })?;
         deb::link_shared_blobs(&mut layer, &self.store.kiln_dir());
+        let packaged = deb::packaged_files(&layer, &unpacked, &self.store.kiln_dir());
         let debian: Vec<String> = pins.iter().map(deb::PinnedDeb::recipe_line).collect();
 
         let base_digest = base.as_ref().map(|b| &b.digest);
@@ -248,7 +253,7 @@ impl<'a> Builder<'a> {
             );
             if let Some(digest) = cache::lookup(self.store, &recipe) {
                 let image = self.store.load_image(&digest)?;
-                self.publish(req.name, &image, &closure, None)?;
+                self.publish(req.name, &image, &closure, &packaged, None)?;
                 return Ok(outcome(req.name, &image, true, recipe));
             }
         }
@@ -288,7 +293,7 @@ impl<'a> Builder<'a> {
             // Inputs the stat cache could not vouch for (too freshly
             // written) turned out to be what the cache already built.
             let image = self.store.load_image(&digest)?;
-            self.publish(req.name, &image, &closure, None)?;
+            self.publish(req.name, &image, &closure, &packaged, None)?;
             return Ok(outcome(req.name, &image, true, recipe));
         }
 
@@ -327,7 +332,7 @@ impl<'a> Builder<'a> {
         };
         let (digest, _) = self.store.put_json(&manifest)?;
         let image = self.store.load_image(&digest)?;
-        self.publish(req.name, &image, &closure, Some(&tree))?;
+        self.publish(req.name, &image, &closure, &packaged, Some(&tree))?;
         cache::record(self.store, &recipe, &digest)?;
         Ok(outcome(req.name, &image, false, recipe))
     }
@@ -340,10 +345,10 @@ impl<'a> Builder<'a> {
     fn debian_layer(
         &mut self,
         req: &BuildRequest<'_>,
-    ) -> Result<(Vec<deb::PinnedDeb>, Layer), ImageError> {
+    ) -> Result<(Vec<deb::PinnedDeb>, Vec<deb::Unpacked>, Layer), ImageError> {
         let mut layer = Layer::new();
         if req.image.debian.is_empty() {
-            return Ok((Vec::new(), layer));
+            return Ok((Vec::new(), Vec::new(), layer));
         }
         let kiln_dir = self.store.kiln_dir();
         let source = match &mut self.debian {
@@ -365,7 +370,7 @@ impl<'a> Builder<'a> {
             unpacked.push(u);
         }
         deb::add_packages(&mut layer, req.name, &unpacked)?;
-        Ok((pins, layer))
+        Ok((pins, unpacked, layer))
     }
 
     /// Fills the digests `unplaced` lacked from what writing `written` (the
@@ -483,6 +488,7 @@ impl<'a> Builder<'a> {
         name: &str,
         image: &Image,
         closure: &Closure,
+        packaged: &BTreeMap<String, sbom::DebPackage>,
         tree: Option<&RootFs>,
     ) -> Result<(), ImageError> {
         let tagged = self
@@ -494,7 +500,13 @@ impl<'a> Builder<'a> {
             self.store.tag(name, &image.descriptor())?;
         }
         if !sbom::sbom_path(self.store, &image.digest).is_file() {
-            let owners = sbom::closure_owners(closure, &self.dpkg_dir);
+            let mut owners = sbom::closure_owners(closure, &self.dpkg_dir);
+            for (path, package) in packaged {
+                owners.entry(path.clone()).or_insert_with(|| sbom::Owner {
+                    host_path: PathBuf::new(),
+                    package: Some(package.clone()),
+                });
+            }
             let doc = match tree {
                 Some(tree) => sbom::sbom_from_tree(image, tree, &owners),
                 None => sbom::sbom(self.store, image, &owners)?,

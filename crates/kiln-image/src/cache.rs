@@ -3,10 +3,11 @@
 //! **Key.** A build's *recipe digest* is the SHA-256 of the canonical JSON of
 //! the builder's version, the host architecture, the image definition (the
 //! validated `[image.NAME]`), the base's manifest digest, the
-//! `SOURCE_DATE_EPOCH`, and every entry of the layer to be written (path,
-//! type, mode, owner, and the content digest of a file or the target of a
-//! link) — which covers every copied input and every library of the
-//! closure. Absolute host paths are not in it, so two checkouts share keys.
+//! `SOURCE_DATE_EPOCH`, the locked Debian packages (name, version,
+//! architecture and the `.deb`'s sha256), and every entry of the layer to
+//! be written (path, type, mode, owner, and the content digest of a file or
+//! the target of a link) — which covers every copied input, every library
+//! of the closure and every file of the packages. Absolute host paths are not in it, so two checkouts share keys.
 //!
 //! **Value.** `kiln_dir()/build-cache/<recipe hex>` holds the manifest digest
 //! the recipe built. A hit is used only if the manifest, its config and all

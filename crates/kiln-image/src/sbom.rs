@@ -8,7 +8,9 @@
 //! under both its `/usr` and its usr-merge alias, since Debian 12's lists
 //! still say `/lib/x86_64-linux-gnu/libc.so.6` for what lives in
 //! `/usr/lib/x86_64-linux-gnu`); each such package is an SPDX package with a
-//! `pkg:deb` purl, which CONTAINS its files.
+//! `pkg:deb` purl, which CONTAINS its files. So is each package of the
+//! image's own `debian` list, which CONTAINS the files it put there (those
+//! a copy replaced are not its).
 //!
 //! The document is deterministic: its only time is the image's `created`
 //! (derived from `SOURCE_DATE_EPOCH`), its namespace is derived from the
@@ -266,10 +268,13 @@ pub fn sbom_from_tree(image: &Image, tree: &RootFs, closure_owners: &ClosureOwne
             ],
         });
         if let Some(owner) = closure_owners.get(&format!("/{path}")) {
-            file["comment"] = json!(format!(
-                "shared-library closure: copied from the build host's {}",
-                owner.host_path.display()
-            ));
+            // Files of the image's own Debian packages have no host path.
+            if !owner.host_path.as_os_str().is_empty() {
+                file["comment"] = json!(format!(
+                    "shared-library closure: copied from the build host's {}",
+                    owner.host_path.display()
+                ));
+            }
             if let Some(pkg) = &owner.package {
                 let spdx_id = package_id(pkg);
                 packages

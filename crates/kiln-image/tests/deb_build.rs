@@ -195,6 +195,37 @@ fn an_image_has_its_packages_files_dpkg_database_users_and_dirs() {
     assert_eq!((srv.1, srv.2, srv.3), (0o755, 1000, 1001));
     assert_eq!(file(&l, "srv/data").2, 0, "missing parents are root's");
 
+    // The SBOM names the packages and what they contain.
+    let doc = kiln_image::sbom::read_sbom(&store, &image.digest)
+        .unwrap()
+        .expect("the build wrote an SBOM");
+    let packages = doc["packages"].as_array().unwrap();
+    let tool_pkg = packages
+        .iter()
+        .find(|p| p["name"] == "tool")
+        .unwrap_or_else(|| panic!("no package `tool` in {packages:?}"));
+    assert_eq!(tool_pkg["versionInfo"], "1.2-3");
+    let tool_id = tool_pkg["SPDXID"].as_str().unwrap();
+    let contained: Vec<&str> = doc["relationships"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["spdxElementId"] == tool_id)
+        .map(|r| r["relatedSpdxElement"].as_str().unwrap())
+        .collect();
+    let names: Vec<&str> = doc["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| contained.contains(&f["SPDXID"].as_str().unwrap()))
+        .map(|f| f["fileName"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"./usr/bin/tool"), "{names:?}");
+    assert!(
+        !names.contains(&"./usr/bin/t"),
+        "the copy over the package's link is not the package's: {names:?}"
+    );
+
     let config = image.config.history().clone().unwrap();
     assert_eq!(
         config.last().unwrap().created_by().as_deref(),
