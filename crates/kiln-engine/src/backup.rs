@@ -169,13 +169,17 @@ impl Engine {
             InstanceState::Running { pid } => pid,
             _ => None,
         };
-        let state = self.wait_for_end(id, pid, timeout).await.ok_or_else(|| {
-            format!(
-                "backup of {service} (`{}`) did not finish within {} s: stopped; nothing new was started",
-                command.join(" "),
-                timeout.as_secs()
-            )
-        })?;
+        let state = self
+            .wait_for_end(id, pid, timeout)
+            .await
+            .map_err(|lost| match lost {
+                None => format!(
+                    "backup of {service} (`{}`) did not finish within {} s: stopped; nothing new was started",
+                    command.join(" "),
+                    timeout.as_secs()
+                ),
+                Some(why) => format!("backup of {service}: {id} vanished from the runtime: {why}"),
+            })?;
         match state {
             InstanceState::Exited { code: Some(0), .. } => {}
             InstanceState::Exited { code, signal, .. } => {
@@ -187,7 +191,7 @@ impl Engine {
                 let how = match (code, signal) {
                     (Some(c), _) => format!("exited with code {c}"),
                     (_, Some(s)) => format!("was killed by signal {s}"),
-                    _ => "ended".to_owned(),
+                    _ => "ended without an exit status".to_owned(),
                 };
                 return Err(format!(
                     "backup of {service} (`{}`) {how}{}",
@@ -210,35 +214,35 @@ impl Engine {
     }
 
     /// Waits until instance `id` ended (its pidfd, else polling), at most
-    /// `limit`; `None` when it still runs then.
+    /// `limit`: `Err(None)` when it still runs then, `Err(Some(why))` when
+    /// the driver lost it.
     async fn wait_for_end(
         &self,
         id: &str,
         pid: Option<u32>,
         limit: Duration,
-    ) -> Option<InstanceState> {
+    ) -> Result<InstanceState, Option<String>> {
         let until = tokio::time::Instant::now() + limit;
         let pid = pid.filter(|_| !matches!(*self.driver, AnyDriver::Fake(_)));
         if let Some(fd) = pid.and_then(crate::engine::pidfd) {
-            crate::engine::wait_exited(fd, limit).await.ok()?;
+            crate::engine::wait_exited(fd, limit)
+                .await
+                .map_err(|()| None)?;
         }
         // The driver records the exit (and the last output) a moment after
         // the process ends.
+        let mut missing = 0;
         loop {
             let id_c = id.to_owned();
             match self.blocking(move |d| d.inspect(&id_c)).await {
                 Ok(info) if matches!(info.state, InstanceState::Running { .. }) => {}
-                Ok(info) => return Some(info.state),
-                Err(_) => {
-                    return Some(InstanceState::Exited {
-                        code: None,
-                        signal: None,
-                        oom: false,
-                    });
-                }
+                Ok(info) => return Ok(info.state),
+                // Vanished: nothing recorded how it ended.
+                Err(e) if missing >= 50 => return Err(Some(e.to_string())),
+                Err(_) => missing += 1,
             }
             if tokio::time::Instant::now() >= until {
-                return None;
+                return Err(None);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

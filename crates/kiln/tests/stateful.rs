@@ -1,0 +1,410 @@
+//! Stateful services end to end, through the `kiln` binary and the real
+//! sandbox driver: a service writing an exclusive volume is replaced again
+//! and again (and once killed) while a thread on the host watches every
+//! process's mount namespace: the volume is never mounted in two at once;
+//! the data written through it survives every replacement; the backup hook
+//! stores, by digest, what the volume held between the old instance's stop
+//! and the new one's start.
+//!
+//! Needs root (the sandbox driver) and a static busybox (`busybox-static`,
+//! installed by scripts/test) for the backup's `cat`: without them the test
+//! is skipped loudly, or fails when `KILN_STRICT_TESTS=true`. No timing is
+//! asserted; every wait polls a condition up to a generous deadline.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+#[path = "support/env.rs"]
+mod env;
+#[path = "support/mounts.rs"]
+mod mounts;
+
+use env::{hello_binary, sandbox_unavailable, say, show, text};
+
+const DEADLINE: Duration = Duration::from_secs(90);
+const BUSYBOX: &str = "/bin/busybox";
+const REPLACEMENTS: usize = 10;
+
+fn unavailable() -> Option<String> {
+    sandbox_unavailable().or_else(|| {
+        (!Path::new(BUSYBOX).is_file()).then(|| {
+            format!("{BUSYBOX} is missing (apt-get install busybox-static): the backup needs a static `cat`")
+        })
+    })
+}
+
+const SPEC: &str = r#"
+[project]
+name = "stateful"
+
+[image.db]
+from = "scratch"
+copy = [
+  { src = "bin/hello", dst = "/app/hello", mode = 0o755 },
+  { src = "bin/busybox", dst = "/bin/busybox", mode = 0o755 },
+]
+closure = true
+entrypoint = ["/app/hello"]
+
+[service.db]
+image = "db"
+command = ["/app/hello", "--port", "${PORT}", "--config", "/etc/hello/config.toml", "--data", "/data"]
+env = { KILN_TEST_COPY = "UNIQUE" }
+files = { "/etc/hello/config.toml" = "config/hello.toml" }
+volumes = { "/data" = "data" }
+ports = { http = {} }
+health = { http = "/healthz", port = "http", interval = "1s", timeout = "500ms", healthy = 1 }
+stop_grace = "5s"
+
+[service.db.backup]
+command = ["/bin/busybox", "cat", "/data/starts.log"]
+timeout = "60s"
+
+[volume.data]
+
+[route.db]
+listen = "127.0.0.1:0"
+service = "db"
+port = "http"
+"#;
+
+/// The project in a temporary directory; `kiln down` when dropped.
+struct Project {
+    dir: tempfile::TempDir,
+    unique: String,
+}
+
+impl Project {
+    fn new() -> Project {
+        Project::with(|s| s)
+    }
+
+    fn with(edit: impl FnOnce(String) -> String) -> Project {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let unique = dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        std::fs::write(
+            dir.path().join("kiln.toml"),
+            edit(SPEC.replace("UNIQUE", &unique)),
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.path().join("bin")).unwrap();
+        std::fs::create_dir_all(dir.path().join("config")).unwrap();
+        std::fs::copy(hello_binary(), dir.path().join("bin/hello")).unwrap();
+        std::fs::copy(BUSYBOX, dir.path().join("bin/busybox")).unwrap();
+        let p = Project { dir, unique };
+        p.set_greeting("v0");
+        p
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn volume(&self) -> PathBuf {
+        self.path().join(".kiln/volumes/data")
+    }
+
+    fn set_greeting(&self, greeting: &str) {
+        std::fs::write(
+            self.path().join("config/hello.toml"),
+            format!("greeting = \"{greeting}\"\n"),
+        )
+        .unwrap();
+    }
+
+    fn kiln(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .current_dir(self.path())
+            .env("NO_COLOR", "1")
+            .env_remove("KILN_HOME")
+            .env_remove("KILN_STATE_DIR")
+            .env_remove("KILN_IMAGE_STORE")
+            .env_remove("KILN_DRIFT_INTERVAL")
+            .env_remove("KILN_FAILPOINT")
+            .env_remove("SOURCE_DATE_EPOCH")
+            .stdin(Stdio::null())
+            .output()
+            .expect("kiln runs")
+    }
+
+    #[track_caller]
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.kiln(args);
+        assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+        text(&out.stdout)
+    }
+
+    #[track_caller]
+    fn apply_ok(&self) -> String {
+        let out = self.ok(&["apply", ".", "-y"]);
+        assert!(out.contains("is active"), "{out}");
+        out
+    }
+
+    fn status(&self) -> Value {
+        let out = self.ok(&["status", ".", "--json"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}:\n{out}"))
+    }
+
+    /// The one instance of db once it is healthy and in rotation, nothing
+    /// else running, no rollout in flight.
+    #[track_caller]
+    fn converged(&self) -> Value {
+        wait_until("db's one instance healthy and in rotation", || {
+            let s = self.status();
+            let db = instances(&s);
+            (db.len() == 1
+                && db[0]["status"] == "healthy"
+                && db[0]["in_rotation"] == true
+                && s["rolling_out"].is_null())
+            .then(|| db[0].clone())
+        })
+    }
+
+    fn get(&self, path: &str) -> Result<(u16, String), String> {
+        let status = self.status();
+        let addr: SocketAddr = status["routes"][0]["listen"]
+            .as_str()
+            .ok_or("no route")?
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        http_get(addr, path)
+    }
+
+    fn events(&self) -> Vec<Value> {
+        self.ok(&["events", ".", "--json"])
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+}
+
+impl Drop for Project {
+    fn drop(&mut self) {
+        let out = self.kiln(&["down", "."]);
+        if !out.status.success() {
+            say(&format!("stateful: `kiln down` failed: {}", show(&out)));
+        }
+    }
+}
+
+fn instances(status: &Value) -> Vec<Value> {
+    status["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"] == "db")
+        .flat_map(|s| s["instances"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+#[track_caller]
+fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|e| format!("connect to {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let raw = text(&raw);
+    let (head, body) = raw.split_once("\r\n\r\n").ok_or("no HTTP head")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or("no status")?;
+    Ok((code, body.to_owned()))
+}
+
+/// `sha256:<hex>` in a backup event's message.
+fn digest_in(message: &str) -> String {
+    let at = message
+        .find("sha256:")
+        .unwrap_or_else(|| panic!("no digest in {message}"));
+    message[at + 7..at + 7 + 64].to_owned()
+}
+
+#[test]
+fn an_exclusive_volume_is_never_open_in_two_instances() {
+    if !env::may_run(
+        "stateful::an_exclusive_volume_is_never_open_in_two_instances",
+        unavailable(),
+    ) {
+        return;
+    }
+    let p = Project::new();
+    // The plan says what a recreate costs.
+    let first_plan = p.ok(&["plan", "."]);
+    assert!(first_plan.contains("will be created"), "{first_plan}");
+    p.apply_ok();
+    let mut seen: Vec<String> = vec![p.converged()["id"].as_str().unwrap().to_owned()];
+
+    let watch = mounts::Watch::start(mounts::Needle {
+        unique: p.unique.clone(),
+        suffix: "/volumes/data".to_owned(),
+    });
+
+    for n in 1..=REPLACEMENTS {
+        p.set_greeting(&format!("v{n}"));
+        if n == 1 {
+            let plan = p.ok(&["plan", "."]);
+            assert!(
+                plan.contains(
+                    "unavailable from stop until healthy: at most stop_grace 5s + backup (at most 1m) + start (deadline 1m)"
+                ),
+                "{plan}"
+            );
+            assert!(
+                plan.contains("backup first: `/bin/busybox cat /data/starts.log`"),
+                "{plan}"
+            );
+        }
+        p.apply_ok();
+        let now = p.converged()["id"].as_str().unwrap().to_owned();
+        assert!(!seen.contains(&now), "replacement {n} reused {now}");
+        seen.push(now);
+        let (code, body) = p.get("/").unwrap();
+        assert_eq!(code, 200);
+        assert!(body.starts_with(&format!("v{n} from db-")), "{body}");
+    }
+
+    // A crash: kill -9 of the instance's process heals without overlap.
+    let victim = p.converged();
+    let pid = victim["pid"].as_u64().expect("a pid");
+    assert!(
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let healed = wait_until("a new instance in place of the killed one", || {
+        let s = p.status();
+        let db = instances(&s);
+        (db.len() == 1 && db[0]["id"] != victim["id"] && db[0]["status"] == "healthy")
+            .then(|| db[0]["id"].as_str().unwrap().to_owned())
+    });
+    // A heal makes a new instance; it may reuse the dead one's id.
+    let _ = healed;
+    p.converged();
+
+    let report = watch.finish();
+    assert!(
+        report.overlaps.is_empty(),
+        "the volume was mounted in two namespaces at once:\n{}",
+        report.overlaps.join("\n")
+    );
+    // The watch really saw the volume: in one namespace per instance.
+    assert!(report.seen_mounted > 0, "{report:?}");
+    assert!(
+        report.namespaces.len() > REPLACEMENTS,
+        "the watch saw {} namespaces with the volume: {report:?}",
+        report.namespaces.len()
+    );
+
+    // The data written through the volume survived every replacement:
+    // each instance appended its id when it started.
+    let log = std::fs::read_to_string(p.volume().join("starts.log")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), REPLACEMENTS + 2, "{log}");
+    for id in &seen {
+        assert!(lines.contains(&id.as_str()), "{id} is not in {log}");
+    }
+
+    // Every replacement was backed up, between the stop and the start: the
+    // n-th backup holds the n lines written before it, stored under the
+    // digest the event names. The heal took none.
+    let backups: Vec<String> = p
+        .events()
+        .into_iter()
+        .filter(|e| e["kind"] == "service.backup")
+        .map(|e| e["message"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(backups.len(), REPLACEMENTS, "{backups:#?}");
+    for (n, message) in backups.iter().enumerate() {
+        let hex = digest_in(message);
+        let stored = std::fs::read(p.path().join(".kiln/backups").join(&hex))
+            .unwrap_or_else(|e| panic!("backup {hex}: {e}"));
+        assert_eq!(kiln_plan::Digest::of(&stored).hex(), hex);
+        let want: String = lines[..=n].iter().map(|l| format!("{l}\n")).collect();
+        assert_eq!(text(&stored), want, "backup {} ({message})", n + 1);
+        assert!(
+            message.contains(&format!("({} bytes", stored.len())),
+            "{message}"
+        );
+    }
+    // Nothing was left behind: no backup instance, the fence with the
+    // instance that runs.
+    let running: BTreeSet<String> = instances(&p.status())
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(running.len(), 1);
+}
+
+/// The control: with the volume declared `exclusive = false` and a rolling
+/// deploy, old and new instance overlap, and the watch must say so (a
+/// watch that cannot see an overlap would make the test above pass for
+/// nothing).
+#[test]
+fn the_watch_sees_two_writers_of_a_volume_that_is_not_exclusive() {
+    if !env::may_run(
+        "stateful::the_watch_sees_two_writers_of_a_volume_that_is_not_exclusive",
+        unavailable(),
+    ) {
+        return;
+    }
+    let p = Project::with(|s| {
+        s.replace("[volume.data]", "[volume.data]\nexclusive = false")
+            .replace(
+                "stop_grace = \"5s\"",
+                "stop_grace = \"5s\"\ndeploy = { strategy = \"rolling\", max_surge = 1, max_unavailable = 0 }",
+            )
+    });
+    p.apply_ok();
+    p.converged();
+    let watch = mounts::Watch::start(mounts::Needle {
+        unique: p.unique.clone(),
+        suffix: "/volumes/data".to_owned(),
+    });
+    // The new instance runs (and is awaited healthy) next to the old one.
+    p.set_greeting("v1");
+    let plan = p.ok(&["plan", "."]);
+    assert!(!plan.contains("unavailable from stop"), "{plan}");
+    p.apply_ok();
+    p.converged();
+    let report = watch.finish();
+    assert!(!report.overlaps.is_empty(), "no overlap seen: {report:?}");
+}
