@@ -322,7 +322,14 @@ fn a_package_is_unpacked_once_and_only_from_the_bytes_it_is_named_by() {
     fs::write(&path, &bytes).unwrap();
     let sha = Digest::of(&bytes);
 
+    // What a killed unpacking left is removed by the next one.
+    let stale =
+        kiln.path()
+            .join("debian/unpacked")
+            .join(format!(".tmp-{}-{}-1", sha.hex(), u32::MAX));
+    fs::create_dir_all(stale.join("files")).unwrap();
     let first = deb::unpack_once(kiln.path(), &path, "pkg", &sha).unwrap();
+    assert!(!stale.exists(), "the dead unpacking's directory is removed");
     assert!(
         first
             .dir

@@ -33,7 +33,8 @@
 //! unpacking writes nothing but plain files in that directory, whatever the
 //! archive says; the modes live in the manifest only (no setuid file ever
 //! appears on the host). The directory is made under a temporary name and
-//! renamed into place, so it is complete or absent. The bytes read while
+//! renamed into place, so it is complete or absent (what a killed
+//! unpacking leaves is removed by the next unpacking of that package). The bytes read while
 //! unpacking are hashed and must equal the sha256 the directory is named
 //! after: a `.deb` changed between its verification and its unpacking is
 //! refused. Every build checks each file's digest again while it writes the
@@ -733,4 +734,41 @@ pub fn read_control_of<R: Read>(input: R) -> Result<DebControl, DebError> {
         return Ok(read_control(reader, &member.name)?.0);
     }
     Err(bad("there is no control.tar member"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_decompression_bomb_is_refused_not_truncated() {
+        // 1 MiB of zeros gzips to about 1 KiB; capped at 64 KiB it is an
+        // error, never a silently shortened member.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&vec![0u8; 1 << 20]).unwrap();
+        let bomb = gz.finish().unwrap();
+        assert!(bomb.len() < 4096);
+        let reader = decompress(&bomb[..], ".gz", "data.tar.gz").unwrap();
+        let mut capped = Capped {
+            inner: reader,
+            left: 64 << 10,
+            what: "data.tar.gz".into(),
+            limit: 64 << 10,
+        };
+        let err = io::copy(&mut capped, &mut io::sink()).unwrap_err();
+        assert!(err.to_string().contains("more than"), "{err}");
+    }
+
+    #[test]
+    fn the_status_stanza_has_dpkgs_status_after_package() {
+        let control = parse_control(
+            "Package: libc6\nVersion: 2.36-9\nArchitecture: amd64\nMulti-Arch: same\nDescription: x\n y\n",
+        )
+        .unwrap();
+        assert_eq!(control.info_name(), "libc6:amd64");
+        assert_eq!(
+            status_stanza(&control),
+            "Package: libc6\nStatus: install ok installed\nVersion: 2.36-9\nArchitecture: amd64\nMulti-Arch: same\nDescription: x\n y\n"
+        );
+    }
 }

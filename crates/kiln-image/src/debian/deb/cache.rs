@@ -61,6 +61,7 @@ pub fn unpack_once(
         source,
     };
     fs::create_dir_all(&root).map_err(|e| io_err("create", &root, e))?;
+    remove_stale(&root, sha256);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
@@ -142,4 +143,27 @@ fn unpack_into(
             source,
         })?;
     Ok(manifest)
+}
+
+/// Removes what an unpacking of the same package left when its process
+/// died (`.tmp-<hex>-<pid>-…` of a pid that no longer runs).
+fn remove_stale(root: &Path, sha256: &Digest) {
+    let prefix = format!(".tmp-{}-", sha256.hex());
+    let Ok(entries) = fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
 }
