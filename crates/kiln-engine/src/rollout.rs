@@ -878,8 +878,13 @@ impl Engine {
             async move { proxy.drain(&id, Duration::from_secs(30)).await }
         });
         futures_join(drains).await;
+        // Each service's own stop_grace, as the failed generation declares it.
+        let failed = load_generation(&self.store, number).ok();
         for rec in &new {
-            match self.destroy(&rec.id, Some(Duration::from_secs(10))).await {
+            let grace = failed
+                .as_ref()
+                .map_or(Duration::from_secs(10), |g| self.grace_of(&rec.id, g));
+            match self.destroy(&rec.id, Some(grace)).await {
                 Ok(()) => say(progress, format!("  - {} destroyed", rec.id)),
                 Err(e) => self.event(
                     "rollback.error",
