@@ -139,19 +139,19 @@ impl Shop {
             assert!(spec.contains(from), "the example changed: no `{from}`");
             spec = spec.replace(from, &to);
         }
+        // No kiln.lock: the first apply resolves the packages and writes it
+        // (a committed lock would pin versions the archive drops when
+        // security updates supersede them).
         std::fs::write(dir.path().join("kiln.toml"), spec).unwrap();
         for file in [
             "config/postgresql.conf",
             "config/web.toml",
             "db/entrypoint.sh",
             "secrets/db-password",
-            "kiln.lock",
         ] {
             let to = dir.path().join(file);
             std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-            if example.join(file).exists() {
-                std::fs::copy(example.join(file), &to).unwrap();
-            }
+            std::fs::copy(example.join(file), &to).unwrap();
         }
         std::fs::create_dir_all(dir.path().join("bin")).unwrap();
         for bin in shop_binaries() {
