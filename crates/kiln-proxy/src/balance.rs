@@ -181,7 +181,7 @@ impl ClientCell {
 }
 
 /// A TCP connection to a backend, with TCP_NODELAY.
-async fn connect(addr: SocketAddr) -> Result<TcpStream, ConnectError> {
+pub(crate) async fn connect(addr: SocketAddr) -> Result<TcpStream, ConnectError> {
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => return Err(ConnectError::Io(e)),

@@ -256,7 +256,9 @@ fn parse(bytes: &Bytes, head_request: bool) -> Result<Head, RawError> {
         .filter(|_| status_line.get(12).is_none_or(|&b| b == b' '))
         .ok_or(RawError::BadHead("bad status code"))?;
 
-    let mut headers = HeaderMap::new();
+    // Sized once: growing a map rehashes it.
+    let lines_left = bytes.iter().filter(|&&b| b == b'\n').count();
+    let mut headers = HeaderMap::with_capacity(lines_left.min(MAX_HEADERS));
     let mut count = 0;
     for line in lines {
         if line.is_empty() {
@@ -295,13 +297,21 @@ fn parse(bytes: &Bytes, head_request: bool) -> Result<Head, RawError> {
         || status == StatusCode::NOT_MODIFIED
     {
         Framing::Length(0)
-    } else if let Some(te) = headers
+    } else if let Some(chunked) = headers
         .get_all(header::TRANSFER_ENCODING)
         .iter()
         .next_back()
+        .map(|te| {
+            let last = te.as_bytes().rsplit(|&b| b == b',').next().unwrap_or(b"");
+            last.trim_ascii().eq_ignore_ascii_case(b"chunked")
+        })
     {
-        let last = te.as_bytes().rsplit(|&b| b == b',').next().unwrap_or(b"");
-        if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+        // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3), which
+        // must not reach the client; such a connection is not reused.
+        if headers.remove(header::CONTENT_LENGTH).is_some() {
+            keep_alive = false;
+        }
+        if chunked {
             Framing::Chunked(Chunk::Size)
         } else {
             Framing::Close
@@ -557,6 +567,12 @@ mod tests {
             parse(&b, false).unwrap().framing,
             Framing::Chunked(Chunk::Size)
         );
+        let b = Bytes::from_static(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        let h = parse(&b, false).unwrap();
+        assert_eq!(h.framing, Framing::Chunked(Chunk::Size));
+        assert!(!h.keep_alive && !h.headers.contains_key("content-length"));
         let b = Bytes::from_static(b"HTTP/1.0 200 OK\r\n\r\n");
         let h = parse(&b, false).unwrap();
         assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));

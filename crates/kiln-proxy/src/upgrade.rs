@@ -18,9 +18,8 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
-use crate::balance::{BackendSet, CONNECT_TIMEOUT, ConnectError};
+use crate::balance::{BackendSet, ConnectError};
 use crate::config::RouteConfig;
 use crate::http::{
     BACKEND, Conn, ProxyBody, ResponseDone, UpBody, cause, error_page, forwarded_headers,
@@ -44,12 +43,7 @@ pub(crate) fn requested(req: &Request<Incoming>) -> bool {
 
 /// A fresh backend connection that can be upgraded.
 async fn connect(addr: std::net::SocketAddr) -> Result<http1::SendRequest<UpBody>, ConnectError> {
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return Err(ConnectError::Io(e)),
-        Err(_) => return Err(ConnectError::TimedOut),
-    };
-    let _ = stream.set_nodelay(true);
+    let stream = crate::balance::connect(addr).await?;
     let (sender, connection) = http1::handshake(TokioIo::new(stream))
         .await
         .map_err(ConnectError::Handshake)?;
