@@ -12,6 +12,7 @@ mod common;
 mod deb_common;
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::time::Instant;
 
 use kiln_image::build::Builder;
@@ -24,7 +25,7 @@ const SPEC: &str = r#"
 name = "shop"
 
 [image.postgres]
-debian = ["postgresql-15"]
+debian = ["postgresql-15", "dash"]
 users = [{ name = "postgres", uid = 999, home = "/var/lib/postgresql", shell = "/bin/bash" }]
 dirs = [{ path = "/var/lib/postgresql", mode = 0o755, owner = "postgres" }]
 entrypoint = ["/usr/lib/postgresql/15/bin/postgres"]
@@ -70,6 +71,62 @@ fn postgresql_from_debian_packages_is_reproducible_and_verified() {
     assert!(String::from_utf8_lossy(&files["etc/passwd"].4).contains("postgres:x:999:999:"));
     assert_eq!(files["var/lib/postgresql"].2, 999);
 
+    // It runs: unpacked and chrooted into, the server prints its version.
+    if is_root() {
+        let root = tmp.path().join("rootfs");
+        fs::create_dir_all(&root).unwrap();
+        for layer in image.layers() {
+            let digest: kiln_image::Digest = layer.digest().to_string().parse().unwrap();
+            let bytes = store_a.read_blob(&digest).unwrap();
+            let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
+            archive.set_preserve_permissions(true);
+            archive.set_preserve_ownerships(true);
+            archive.unpack(&root).unwrap();
+        }
+        let run = std::process::Command::new("chroot")
+            .arg(&root)
+            .args(["/usr/lib/postgresql/15/bin/postgres", "--version"])
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&run.stdout);
+        assert!(
+            run.status.success() && out.contains("PostgreSQL) 15"),
+            "postgres --version in the image: {}\n{out}{}",
+            run.status,
+            String::from_utf8_lossy(&run.stderr)
+        );
+        // initdb runs the server through /bin/sh (from `dash`) with
+        // output to /dev/null, which a runtime provides.
+        fs::create_dir_all(root.join("dev")).unwrap();
+        let null = std::process::Command::new("mknod")
+            .arg(root.join("dev/null"))
+            .args(["c", "1", "3"])
+            .status()
+            .unwrap();
+        assert!(null.success());
+        fs::set_permissions(root.join("dev/null"), fs::Permissions::from_mode(0o666)).unwrap();
+        let initdb = std::process::Command::new("chroot")
+            .args(["--userspec=999:999"])
+            .arg(&root)
+            .args([
+                "/usr/lib/postgresql/15/bin/initdb",
+                "-D",
+                "/var/lib/postgresql/data",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            initdb.status.success(),
+            "initdb in the image: {}\n{}{}",
+            initdb.status,
+            String::from_utf8_lossy(&initdb.stdout),
+            String::from_utf8_lossy(&initdb.stderr)
+        );
+        assert!(root.join("var/lib/postgresql/data/PG_VERSION").is_file());
+    } else {
+        common::skip_or_fail("not root: cannot chroot into the image to run postgres");
+    }
+
     // Warm: same store, same lock → a cache hit, quickly.
     let started = Instant::now();
     let warm = kiln_image::build::build_all(&store_a, &spec, &project, 0, &mut Quiet).unwrap();
@@ -114,4 +171,12 @@ fn postgresql_from_debian_packages_is_reproducible_and_verified() {
         deb.display()
     );
     assert!(store_c.resolve("postgres").is_err());
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }
