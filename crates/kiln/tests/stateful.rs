@@ -11,7 +11,6 @@
 //! is skipped loudly, or fails when `KILN_STRICT_TESTS=true`. No timing is
 //! asserted; every wait polls a condition up to a generous deadline.
 
-use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -300,6 +299,38 @@ fn an_exclusive_volume_is_never_open_in_two_instances() {
         assert!(body.starts_with(&format!("v{n} from db-")), "{body}");
     }
 
+    // kill -9 of the daemon: the instance keeps running and keeps its
+    // volume's fence (in the state store, naming no process); the next
+    // daemon adopts it and replaces it like any other.
+    let holder = |p: &Project| {
+        kiln_state::Store::open(&p.path().join(".kiln"))
+            .unwrap()
+            .lease("volume:stateful/data")
+            .unwrap()
+            .map(|h| h.owner)
+    };
+    let running = p.converged()["id"].as_str().unwrap().to_owned();
+    assert_eq!(holder(&p).as_deref(), Some(running.as_str()));
+    let daemon = p.status()["daemon_pid"].as_u64().expect("a daemon pid");
+    assert!(
+        Command::new("kill")
+            .args(["-9", &daemon.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_until("the daemon is gone", || {
+        (!Path::new(&format!("/proc/{daemon}")).exists()).then_some(())
+    });
+    assert_eq!(holder(&p).as_deref(), Some(running.as_str()));
+    p.set_greeting("after-restart");
+    p.apply_ok();
+    let now = p.converged()["id"].as_str().unwrap().to_owned();
+    assert_ne!(now, running);
+    assert_ne!(p.status()["daemon_pid"].as_u64(), Some(daemon));
+    assert_eq!(holder(&p).as_deref(), Some(now.as_str()));
+    seen.push(now);
+
     // A crash: kill -9 of the instance's process heals without overlap.
     let victim = p.converged();
     let pid = victim["pid"].as_u64().expect("a pid");
@@ -313,12 +344,17 @@ fn an_exclusive_volume_is_never_open_in_two_instances() {
     let healed = wait_until("a new instance in place of the killed one", || {
         let s = p.status();
         let db = instances(&s);
-        (db.len() == 1 && db[0]["id"] != victim["id"] && db[0]["status"] == "healthy")
+        // A live process other than the killed one (the dead instance
+        // shows no pid until it is replaced).
+        let fresh = db
+            .first()
+            .and_then(|i| i["pid"].as_u64())
+            .is_some_and(|p| p != pid);
+        (db.len() == 1 && fresh && db[0]["status"] == "healthy")
             .then(|| db[0]["id"].as_str().unwrap().to_owned())
     });
-    // A heal makes a new instance; it may reuse the dead one's id.
-    let _ = healed;
-    p.converged();
+    // A heal makes a new instance (it may reuse the dead one's id).
+    assert_eq!(p.converged()["id"].as_str(), Some(healed.as_str()));
 
     let report = watch.finish();
     assert!(
@@ -338,7 +374,9 @@ fn an_exclusive_volume_is_never_open_in_two_instances() {
     // each instance appended its id when it started.
     let log = std::fs::read_to_string(p.volume().join("starts.log")).unwrap();
     let lines: Vec<&str> = log.lines().collect();
-    assert_eq!(lines.len(), REPLACEMENTS + 2, "{log}");
+    // The first start, the replacements, one after the daemon's restart,
+    // one heal.
+    assert_eq!(lines.len(), REPLACEMENTS + 3, "{log}");
     for id in &seen {
         assert!(lines.contains(&id.as_str()), "{id} is not in {log}");
     }
@@ -352,7 +390,7 @@ fn an_exclusive_volume_is_never_open_in_two_instances() {
         .filter(|e| e["kind"] == "service.backup")
         .map(|e| e["message"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(backups.len(), REPLACEMENTS, "{backups:#?}");
+    assert_eq!(backups.len(), REPLACEMENTS + 1, "{backups:#?}");
     for (n, message) in backups.iter().enumerate() {
         let hex = digest_in(message);
         let stored = std::fs::read(p.path().join(".kiln/backups").join(&hex))
@@ -365,13 +403,14 @@ fn an_exclusive_volume_is_never_open_in_two_instances() {
             "{message}"
         );
     }
-    // Nothing was left behind: no backup instance, the fence with the
+    // Nothing was left behind: no backup instance, and the fence with the
     // instance that runs.
-    let running: BTreeSet<String> = instances(&p.status())
+    let running: Vec<String> = instances(&p.status())
         .iter()
         .map(|i| i["id"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(running.len(), 1);
+    assert_eq!(holder(&p).as_ref(), Some(&running[0]));
 }
 
 /// The control: with the volume declared `exclusive = false` and a rolling
