@@ -274,6 +274,13 @@ fn a_complete_lock_and_a_warm_cache_need_no_apt_and_no_network() {
             .all(|e| e.path().is_dir()),
         "no lists were downloaded"
     );
+    // No packages: nothing resolved, nothing recorded.
+    assert!(
+        debian::locked_packages(&mut lock, &mut apt, "bare", &[])
+            .unwrap()
+            .is_empty()
+    );
+    assert!(!lock.images.contains_key("bare"));
     std::fs::write(apt.deb_path(&pkg), &deb).unwrap();
     assert_eq!(apt.fetch(&pkg).unwrap(), apt.deb_path(&pkg));
     // A different request is not served from the lock: it resolves, which

@@ -5,7 +5,7 @@
 //!
 //! | path | what |
 //! |---|---|
-//! | `etc/` | copies of the machine's `sources.list` and `sources.list.d/` |
+//! | `etc/` | copies of the machine's `sources.list` and `sources.list.d/`; `apt.conf` turns the host's update hooks off |
 //! | `state/lists/` | apt's lists, downloaded by `apt-get update` (uncompressed) |
 //! | `state/status` | an empty dpkg status: nothing counts as installed |
 //! | `cache/` | apt's own cache |
@@ -75,6 +75,13 @@ impl Apt {
             let d = cache_dir.join(sub);
             std::fs::create_dir_all(&d).map_err(io("create directory", &d))?;
         }
+        // The host's update hooks (cache cleaners, appstream, packagekit)
+        // act on the host's apt state, not on this one: they do not run here.
+        let conf = cache_dir.join("etc/apt.conf");
+        if !conf.exists() {
+            let hooks = "#clear APT::Update::Pre-Invoke;\n#clear APT::Update::Post-Invoke;\n#clear APT::Update::Post-Invoke-Success;\n";
+            std::fs::write(&conf, hooks).map_err(io("write", &conf))?;
+        }
         let status = cache_dir.join("state/status");
         if !status.exists() {
             std::fs::write(&status, b"").map_err(io("write", &status))?;
@@ -130,7 +137,9 @@ impl Apt {
             // apt would drop to `_apt`, who cannot write the caller's dir.
             o.push("APT::Sandbox::User=root".into());
         }
-        o.into_iter().flat_map(|o| ["-o".to_string(), o]).collect()
+        let mut args = vec!["-c".to_string(), d("etc/apt.conf")];
+        args.extend(o.into_iter().flat_map(|o| ["-o".to_string(), o]));
+        args
     }
 
     /// Copies the machine's sources into the private state and runs

@@ -91,6 +91,10 @@ pub fn locked_packages(
     if is_locked(lock, image, requested) {
         return Ok(lock.images[image].packages.clone());
     }
+    if requested.is_empty() {
+        // Nothing to resolve: no reason to refresh lists or touch the lock.
+        return Ok(Vec::new());
+    }
     let requested = lock::normalize_requested(requested);
     let packages = apt.resolve(image, &requested)?;
     lock.images.insert(
