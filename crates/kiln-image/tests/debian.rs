@@ -288,3 +288,82 @@ fn a_complete_lock_and_a_warm_cache_need_no_apt_and_no_network() {
     assert!(debian::locked_packages(&mut lock, &mut apt, "app", &["other".into()]).is_err());
     assert!(debian::is_locked(&lock, "app", &["hello".into()]));
 }
+
+/// A source without `Signed-By` is checked against apt's trusted keyrings,
+/// ASCII-armored ones (`trusted.gpg.d/*.asc`) included: gpgv only reads
+/// binary keyrings, so kiln dearmors them.
+#[test]
+fn sources_without_signed_by_verify_with_the_trusted_keyrings() {
+    let Some(s) = shared() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let etc = dir.path().join("etc-apt");
+    std::fs::create_dir_all(etc.join("sources.list.d")).unwrap();
+    std::fs::create_dir_all(etc.join("trusted.gpg.d")).unwrap();
+    let host = Path::new("/etc/apt");
+    let mut files = vec![host.join("sources.list")];
+    files.extend(
+        std::fs::read_dir(host.join("sources.list.d"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path()),
+    );
+    for file in files.iter().filter(|f| f.is_file()) {
+        let name = file.file_name().unwrap().to_str().unwrap();
+        let text = std::fs::read_to_string(file).unwrap();
+        let stripped: String = text
+            .lines()
+            .filter(|l| !l.starts_with("Signed-By:"))
+            .map(|l| {
+                let mut l = l.to_string();
+                while let Some(at) = l.find("signed-by=") {
+                    let end = l[at..].find([' ', ']']).map_or(l.len(), |e| at + e);
+                    l.replace_range(at..end, "");
+                }
+                l + "\n"
+            })
+            .collect();
+        let dst = if name == "sources.list" {
+            etc.join(name)
+        } else {
+            etc.join("sources.list.d").join(name)
+        };
+        std::fs::write(dst, stripped).unwrap();
+    }
+    let mut armored = 0;
+    for entry in std::fs::read_dir(host.join("trusted.gpg.d"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let p = entry.path();
+        if p.extension().is_some_and(|e| e == "asc" || e == "gpg") {
+            armored += usize::from(p.extension().unwrap() == "asc");
+            std::fs::copy(&p, etc.join("trusted.gpg.d").join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    if armored == 0 {
+        std::fs::copy(
+            "/usr/share/keyrings/debian-archive-keyring.gpg",
+            etc.join("trusted.gpg"),
+        )
+        .unwrap();
+    }
+    let mut apt = Apt::open_with(&dir.path().join("debian"), &etc).unwrap();
+    assert!(!apt.sources().is_empty());
+    assert!(apt.sources().iter().all(|s| !s.keyrings.is_empty()));
+    let (_copy, _, lists) = copy_of_lists(s);
+    for entry in std::fs::read_dir(&lists).unwrap().flatten() {
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), apt.lists_dir().join(entry.file_name())).unwrap();
+        }
+    }
+    let index = apt.load().unwrap();
+    assert!(index.versions("libc6").next().is_some());
+
+    // Without those keyrings the same lists are refused.
+    std::fs::remove_dir_all(etc.join("trusted.gpg.d")).unwrap();
+    let _ = std::fs::remove_file(etc.join("trusted.gpg"));
+    let mut apt = Apt::open_with(&dir.path().join("debian"), &etc).unwrap();
+    let err = apt.load().unwrap_err().to_string();
+    assert!(err.contains("InRelease") && err.contains("hint:"), "{err}");
+}

@@ -219,8 +219,10 @@ impl Apt {
                     let key = Source::packages_key(component, arch);
                     let path = source.packages_path(&lists, component, arch);
                     // binary-all is only fetched by apt when the archive
-                    // does not fold `all` into each architecture.
-                    if arch == "all" && !path.is_file() {
+                    // does not fold `all` into each architecture; an index
+                    // the signed Release does not list (a component without
+                    // this architecture) does not exist to be fetched.
+                    if !path.is_file() && (arch == "all" || !digests.contains_key(&key)) {
                         continue;
                     }
                     release::check_index(&path, &key, &digests, &inrelease)?;
