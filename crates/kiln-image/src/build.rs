@@ -212,7 +212,7 @@ impl<'a> Builder<'a> {
         let pending = inputs.pending;
         // Packages first, copies on top of them, then the closure of the
         // copies, then users and dirs.
-        let (pins, unpacked, mut layer) = self.debian_layer(req)?;
+        let (pins, unpacked, mut layer) = self.debian_layer(req, base.is_some())?;
         for (path, entry) in inputs.layer.entries() {
             layer
                 .insert(path, entry.clone())
@@ -341,10 +341,12 @@ impl<'a> Builder<'a> {
     /// them) and their pins, in lock order; empty without `debian`. Each
     /// package comes from its unpacked directory, keyed by the `.deb`'s
     /// sha256; one that is not unpacked yet is fetched through the source
-    /// (which verifies it) and unpacked (which verifies it again).
+    /// (which verifies it) and unpacked (which verifies it again). On a
+    /// base image (`on_base`) dpkg's status goes to `status.d/`.
     fn debian_layer(
         &mut self,
         req: &BuildRequest<'_>,
+        on_base: bool,
     ) -> Result<(Vec<deb::PinnedDeb>, Vec<deb::Unpacked>, Layer), ImageError> {
         let mut layer = Layer::new();
         if req.image.debian.is_empty() {
@@ -369,7 +371,7 @@ impl<'a> Builder<'a> {
             };
             unpacked.push(u);
         }
-        deb::add_packages(&mut layer, req.name, &unpacked)?;
+        deb::add_packages(&mut layer, req.name, &unpacked, on_base)?;
         Ok((pins, unpacked, layer))
     }
 

@@ -424,3 +424,38 @@ dirs = [{ path = "/data", mode = 0o700, owner = "svc" }]
     assert_ne!(again["u"].digest, out["u"].digest);
     let _ = Digest::of(b"");
 }
+
+#[test]
+fn on_a_base_image_the_bases_dpkg_status_stays() {
+    if !have_dpkg_deb() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let debs = fixtures(&tmp.path().join("debs"));
+    let store = Store::open(&tmp.path().join("s")).unwrap();
+    let text = r#"
+[project]
+name = "x"
+[image.base]
+debian = ["tool"]
+[image.top]
+from = "base"
+debian = ["libfoo"]
+"#;
+    let (source, _) = counting(&debs);
+    let out = build_with(&store, source, text, tmp.path()).unwrap();
+    let image = store.load_image(&out["top"].digest).unwrap();
+    assert_eq!(image.layers().len(), 2);
+    let l = listing(&store, &image);
+    let status = String::from_utf8(file(&l, "var/lib/dpkg/status").4.clone()).unwrap();
+    assert!(
+        status.contains("Package: tool\n") && !status.contains("libfoo"),
+        "the base's status stays:\n{status}"
+    );
+    let own = String::from_utf8(file(&l, "var/lib/dpkg/status.d/libfoo").4.clone()).unwrap();
+    assert!(
+        own.starts_with("Package: libfoo\nStatus: install ok installed\n"),
+        "{own}"
+    );
+    assert!(l.contains_key("usr/bin/tool") && l.contains_key("usr/lib/libfoo.so.2"));
+}

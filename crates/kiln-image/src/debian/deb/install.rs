@@ -10,7 +10,10 @@ use crate::sbom::DebPackage;
 
 /// Adds the files of `packages` (in lock order) to `layer`, then dpkg's
 /// database of them (`/var/lib/dpkg/status`, `info/<pkg>.list` and
-/// `info/<pkg>.md5sums`) so that the SBOM and scanners see them.
+/// `info/<pkg>.md5sums`) so that the SBOM and scanners see them. On a base
+/// image (`on_base`), whose own `status` must stay, each package's stanza
+/// goes to `/var/lib/dpkg/status.d/<pkg>` instead, which scanners read too
+/// (distroless images do the same).
 ///
 /// A path in two packages must be the same in both (directories always
 /// are; files by content, links by target), or the build fails naming both
@@ -21,6 +24,7 @@ pub fn add_packages(
     layer: &mut Layer,
     image: &str,
     packages: &[Unpacked],
+    on_base: bool,
 ) -> Result<(), ImageError> {
     let mut owners: BTreeMap<String, usize> = BTreeMap::new();
     for (i, pkg) in packages.iter().enumerate() {
@@ -100,7 +104,7 @@ pub fn add_packages(
         }
     }
     if !packages.is_empty() {
-        add_dpkg_database(layer, packages)?;
+        add_dpkg_database(layer, packages, on_base)?;
     }
     layer.check().map_err(|why| {
         ImageError::Invalid(format!(
@@ -134,10 +138,22 @@ pub fn status_stanza(control: &DebControl) -> String {
     out
 }
 
-fn add_dpkg_database(layer: &mut Layer, packages: &[Unpacked]) -> Result<(), ImageError> {
+fn add_dpkg_database(
+    layer: &mut Layer,
+    packages: &[Unpacked],
+    on_base: bool,
+) -> Result<(), ImageError> {
     let mut status = String::new();
     for pkg in packages {
         let control = &pkg.manifest.control;
+        if on_base {
+            layer
+                .insert(
+                    &format!("/var/lib/dpkg/status.d/{}", control.info_name()),
+                    LayerEntry::bytes(status_stanza(control), 0o644),
+                )
+                .map_err(ImageError::Invalid)?;
+        }
         if !status.is_empty() {
             status.push('\n');
         }
@@ -160,6 +176,9 @@ fn add_dpkg_database(layer: &mut Layer, packages: &[Unpacked]) -> Result<(), Ima
                 )
                 .map_err(ImageError::Invalid)?;
         }
+    }
+    if on_base {
+        return Ok(());
     }
     layer
         .insert("/var/lib/dpkg/status", LayerEntry::bytes(status, 0o644))
