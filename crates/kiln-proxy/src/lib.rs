@@ -95,6 +95,7 @@ mod balance;
 mod config;
 mod error;
 mod http;
+pub mod host;
 mod raw;
 mod route;
 mod stats;

@@ -199,11 +199,11 @@ impl RawConn {
     /// skipped), or `None` if more bytes are needed.
     fn parse_head(&mut self, head_request: bool) -> Result<Option<Head>, RawError> {
         loop {
-            let Some(len) = head_len(&self.buf) else {
+            let Some((len, lines)) = head_len(&self.buf) else {
                 return Ok(None);
             };
             let bytes = self.buf.split_to(len).freeze();
-            let head = parse(&bytes, head_request)?;
+            let head = parse(&bytes, lines, head_request)?;
             if head.status.is_informational() {
                 if head.status == StatusCode::SWITCHING_PROTOCOLS {
                     return Err(RawError::BadHead("101 to a request that asked no upgrade"));
@@ -222,14 +222,16 @@ impl RawConn {
     }
 }
 
-/// Length of the head (through the empty line), if complete.
-fn head_len(buf: &[u8]) -> Option<usize> {
+/// Length of the head (through the empty line) and its number of lines,
+/// if complete.
+fn head_len(buf: &[u8]) -> Option<(usize, usize)> {
     let mut from = 0;
+    let mut lines = 0;
     while let Some(i) = buf[from..].iter().position(|&b| b == b'\n') {
         let end = from + i + 1;
-        let line = &buf[from..end];
-        if line == b"\r\n" || line == b"\n" {
-            return Some(end);
+        lines += 1;
+        if i == 0 || (i == 1 && buf[from] == b'\r') {
+            return Some((end, lines));
         }
         from = end;
     }
@@ -241,7 +243,7 @@ fn trim_line(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
-fn parse(bytes: &Bytes, head_request: bool) -> Result<Head, RawError> {
+fn parse(bytes: &Bytes, line_count: usize, head_request: bool) -> Result<Head, RawError> {
     let mut lines = bytes.split_inclusive(|&b| b == b'\n').map(trim_line);
     let status_line = lines.next().ok_or(RawError::BadHead("empty"))?;
     // HTTP/1.x SSS reason
@@ -257,8 +259,7 @@ fn parse(bytes: &Bytes, head_request: bool) -> Result<Head, RawError> {
         .ok_or(RawError::BadHead("bad status code"))?;
 
     // Sized once: growing a map rehashes it.
-    let lines_left = bytes.iter().filter(|&&b| b == b'\n').count();
-    let mut headers = HeaderMap::with_capacity(lines_left.min(MAX_HEADERS));
+    let mut headers = HeaderMap::with_capacity(line_count.min(MAX_HEADERS));
     let mut count = 0;
     for line in lines {
         if line.is_empty() {
@@ -555,7 +556,7 @@ mod tests {
         let b = Bytes::from_static(
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A:  b \r\nx-a: c\r\n\r\n",
         );
-        let h = parse(&b, false).unwrap();
+        let h = parse(&b, 9, false).unwrap();
         assert_eq!(h.status, 200);
         assert_eq!(h.framing, Framing::Length(5));
         assert!(h.keep_alive);
@@ -564,26 +565,26 @@ mod tests {
 
         let b = Bytes::from_static(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
         assert_eq!(
-            parse(&b, false).unwrap().framing,
+            parse(&b, 9, false).unwrap().framing,
             Framing::Chunked(Chunk::Size)
         );
         let b = Bytes::from_static(
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
         );
-        let h = parse(&b, false).unwrap();
+        let h = parse(&b, 9, false).unwrap();
         assert_eq!(h.framing, Framing::Chunked(Chunk::Size));
         assert!(!h.keep_alive && !h.headers.contains_key("content-length"));
         let b = Bytes::from_static(b"HTTP/1.0 200 OK\r\n\r\n");
-        let h = parse(&b, false).unwrap();
+        let h = parse(&b, 9, false).unwrap();
         assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
         let b = Bytes::from_static(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n");
-        assert_eq!(parse(&b, false).unwrap().framing, Framing::Length(0));
+        assert_eq!(parse(&b, 9, false).unwrap().framing, Framing::Length(0));
         let b = Bytes::from_static(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n");
-        assert_eq!(parse(&b, true).unwrap().framing, Framing::Length(0));
+        assert_eq!(parse(&b, 9, true).unwrap().framing, Framing::Length(0));
         let b = Bytes::from_static(
             b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
         );
-        assert!(!parse(&b, false).unwrap().keep_alive);
+        assert!(!parse(&b, 9, false).unwrap().keep_alive);
     }
 
     #[test]
@@ -596,13 +597,19 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nbad name: x\r\n\r\n",
         ] {
-            assert!(parse(&Bytes::from_static(head), false).is_err(), "{head:?}");
+            assert!(
+                parse(&Bytes::from_static(head), 9, false).is_err(),
+                "{head:?}"
+            );
         }
     }
 
     #[test]
     fn head_len_finds_the_empty_line() {
-        assert_eq!(head_len(b"HTTP/1.1 200 OK\r\nA: b\r\n\r\nbody"), Some(25));
+        assert_eq!(
+            head_len(b"HTTP/1.1 200 OK\r\nA: b\r\n\r\nbody"),
+            Some((25, 3))
+        );
         assert_eq!(head_len(b"HTTP/1.1 200 OK\r\nA: b\r\n"), None);
     }
 }
