@@ -302,7 +302,7 @@ impl Apt {
         }
         let tmp_dir = self.debs_dir().join("tmp");
         std::fs::create_dir_all(&tmp_dir).map_err(io("create directory", &tmp_dir))?;
-        let tmp = tmp_dir.join(format!("{}.{}.partial", pkg.sha256, std::process::id()));
+        let tmp = tmp_dir.join(format!("{}.{}.partial", pkg.sha256, release::unique()));
         let mut uris: Vec<&str> = self
             .sources
             .iter()

@@ -220,6 +220,14 @@ pub fn read_sources(etc: &Path, keys: &Path) -> Result<Vec<Source>, ImageError> 
     Ok(out)
 }
 
+/// `PID.N`: a name no other writer (process or thread) uses at the same
+/// time, for temporary files.
+pub(crate) fn unique() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}.{n}", std::process::id())
+}
+
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
     let io = |op, p: &Path| {
         let p = p.to_path_buf();
@@ -232,7 +240,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> 
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io("create directory", dir))?;
     }
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let tmp = path.with_extension(format!("tmp.{}", unique()));
     std::fs::write(&tmp, bytes).map_err(io("write", &tmp))?;
     std::fs::rename(&tmp, path).map_err(io("rename into place", path))
 }
@@ -336,7 +344,7 @@ pub fn verify_inrelease(
             "install the archive keyring (`debian-archive-keyring`) or fix `Signed-By` in the apt source",
         ));
     }
-    let signed = scratch.join(format!("signed.{}", std::process::id()));
+    let signed = scratch.join(format!("signed.{}", unique()));
     let _ = std::fs::remove_file(&signed);
     let out = cmd
         .arg("--output")
