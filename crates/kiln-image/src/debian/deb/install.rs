@@ -1,7 +1,7 @@
 //! Unpacked packages into an image's layer, with dpkg's database of them.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
 use super::{DebControl, DebEntry, DebEntryKind, Unpacked, unpacked_root};
 use crate::error::ImageError;
@@ -191,19 +191,22 @@ fn add_dpkg_database(
 /// never linked, whatever their source.
 pub fn link_shared_blobs(layer: &mut Layer, kiln_dir: &Path) {
     let root = unpacked_root(kiln_dir);
-    let mut first: BTreeMap<PathBuf, String> = BTreeMap::new();
+    // Hashed, and a byte prefix instead of `Path::starts_with`: a package
+    // image has tens of thousands of files, and comparing paths component
+    // by component was most of a no-op rebuild's time.
+    let mut first: HashMap<&Path, &String> = HashMap::new();
     let mut links = Vec::new();
     for (path, e) in layer.entries() {
         if let EntryKind::File {
             source: FileSource::Host(host),
             ..
         } = &e.kind
-            && host.starts_with(&root)
+            && in_dir(host, &root)
         {
-            match first.get(host) {
-                Some(target) => links.push((path.clone(), target.clone(), e.clone())),
+            match first.get(host.as_path()) {
+                Some(target) => links.push((path.clone(), (*target).clone(), e.clone())),
                 None => {
-                    first.insert(host.clone(), path.clone());
+                    first.insert(host, path);
                 }
             }
         }
@@ -226,7 +229,7 @@ pub fn packaged_files(
     kiln_dir: &Path,
 ) -> BTreeMap<String, DebPackage> {
     let root = unpacked_root(kiln_dir);
-    let by_dir: BTreeMap<&Path, DebPackage> = packages
+    let by_dir: HashMap<&Path, DebPackage> = packages
         .iter()
         .map(|u| {
             let c = &u.manifest.control;
@@ -250,7 +253,7 @@ pub fn packaged_files(
             source: FileSource::Host(host),
             ..
         } = &entry.kind
-            && host.starts_with(&root)
+            && in_dir(host, &root)
             && let Some(pkg) = host
                 .parent()
                 .and_then(Path::parent)
@@ -260,4 +263,11 @@ pub fn packaged_files(
         }
     }
     out
+}
+
+/// Whether `path` is under `dir` (both as kiln wrote them: no `.`, no `//`).
+fn in_dir(path: &Path, dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let (p, d) = (path.as_os_str().as_bytes(), dir.as_os_str().as_bytes());
+    p.len() > d.len() && p.starts_with(d) && p[d.len()] == b'/'
 }
