@@ -446,6 +446,96 @@ mod tests {
         );
     }
 
+    /// Whether the chosen set satisfies `dep` (a real package or a provider).
+    fn holds(chosen: &[&PackageEntry], dep: &Dep) -> bool {
+        chosen.iter().any(|e| {
+            let ok = |v: Option<&str>| match (&dep.constraint, v) {
+                (None, _) => true,
+                (Some((op, want)), Some(have)) => op.holds(have, want),
+                (Some(_), None) => false,
+            };
+            (e.name == dep.name && ok(Some(&e.version)))
+                || control::parse_relations(&e.provides)
+                    .unwrap()
+                    .iter()
+                    .flatten()
+                    .any(|p| {
+                        p.name == dep.name
+                            && ok(match &p.constraint {
+                                Some((super::super::version::Op::Eq, v)) => Some(v),
+                                _ => None,
+                            })
+                    })
+        })
+    }
+
+    fn arb_relation() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let dep = (0..6u8, proptest::option::of((0..5usize, 1..4u8))).prop_map(|(n, c)| {
+            let ops = [">=", "<<", "=", ">>", "<="];
+            match c {
+                Some((op, v)) => format!("p{n} ({} {v})", ops[op]),
+                None => format!("p{n}"),
+            }
+        });
+        proptest::collection::vec(proptest::collection::vec(dep, 1..3), 0..3).prop_map(|groups| {
+            groups
+                .iter()
+                .map(|g| g.join(" | "))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+    }
+
+    proptest::proptest! {
+        /// Whatever the index, an accepted closure is sound: it holds every
+        /// root, one version per name, and every Depends / Pre-Depends
+        /// group of every package in it is satisfied inside it.
+        #[test]
+        fn an_accepted_closure_satisfies_every_relation_in_it(
+            pkgs in proptest::collection::vec(
+                (0..6u8, 1..4u8, arb_relation(), arb_relation(), proptest::option::of((0..6u8, proptest::option::of(1..4u8)))),
+                1..12,
+            ),
+            root in 0..6u8,
+        ) {
+            let stanzas: Vec<String> = pkgs
+                .iter()
+                .map(|(n, v, dep, pre, prov)| {
+                    let provides = match prov {
+                        Some((p, Some(pv))) => format!("Provides: v{p} (= {pv})\n"),
+                        Some((p, None)) => format!("Provides: v{p}\n"),
+                        None => String::new(),
+                    };
+                    // Virtual names are v0..v5: relations name real ones (p*)
+                    // and, through `vN`, the same number's virtual.
+                    let dep = dep.replace("p5", "v5").replace("p4", "v4");
+                    stanza(&format!("p{n}"), &v.to_string(), "amd64", &format!("Depends: {dep}\nPre-Depends: {pre}\n{provides}"))
+                })
+                .collect();
+            let idx = index(&stanzas);
+            let roots = vec![format!("p{root}")];
+            if let Ok(chosen) = idx.resolve("db", &roots) {
+                let mut names: Vec<&str> = chosen.iter().map(|e| e.name.as_str()).collect();
+                names.dedup();
+                proptest::prop_assert_eq!(names.len(), chosen.len(), "one version per name");
+                proptest::prop_assert!(chosen.iter().any(|e| e.name == roots[0]));
+                for e in &chosen {
+                    for field in [&e.pre_depends, &e.depends] {
+                        for group in control::parse_relations(field).unwrap() {
+                            proptest::prop_assert!(
+                                group.iter().any(|d| holds(&chosen, d)),
+                                "{} {}: `{}` unsatisfied in {:?}", e.name, e.version,
+                                control::format_relations(&vec![group.clone()]), names
+                            );
+                        }
+                    }
+                }
+                proptest::prop_assert_eq!(idx.resolve("db", &roots).unwrap(), chosen);
+            }
+        }
+    }
+
     #[test]
     fn output_is_sorted_and_independent_of_index_order() {
         let mut stanzas = vec![

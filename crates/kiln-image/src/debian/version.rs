@@ -238,6 +238,25 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// A total order: reflexive, antisymmetric, transitive (the
+        /// resolver sorts by it and picks the maximum).
+        #[test]
+        fn compare_is_a_total_order(
+            a in "([0-9]:)?[0-9a-z.+~]{1,6}(-[0-9a-z.+~]{1,4})?",
+            b in "([0-9]:)?[0-9a-z.+~]{1,6}(-[0-9a-z.+~]{1,4})?",
+            c in "([0-9]:)?[0-9a-z.+~]{1,6}(-[0-9a-z.+~]{1,4})?",
+        ) {
+            proptest::prop_assert_eq!(compare(&a, &a), Ordering::Equal);
+            proptest::prop_assert_eq!(compare(&a, &b), compare(&b, &a).reverse());
+            if compare(&a, &b) != Ordering::Greater && compare(&b, &c) != Ordering::Greater {
+                proptest::prop_assert_ne!(compare(&a, &c), Ordering::Greater, "{} <= {} <= {}", a, b, c);
+            }
+            // `~` sorts before anything, even the end of the version.
+            proptest::prop_assert_eq!(compare(&format!("{a}~"), &a), Ordering::Less);
+        }
+    }
+
     #[test]
     fn ops() {
         assert!(Op::Ge.holds("15.10-0+deb12u1", "15.8"));
