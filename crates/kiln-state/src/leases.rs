@@ -57,7 +57,7 @@ impl LeaseHolder {
                 matches!(
                     rustix::process::test_kill_process(pid),
                     Err(rustix::io::Errno::SRCH)
-                )
+                ) || is_zombie(pid.as_raw_nonzero().get())
             }
             _ => false,
         }
@@ -67,6 +67,17 @@ impl LeaseHolder {
     pub fn remaining(&self) -> Duration {
         Duration::from_millis(self.expires_ms.saturating_sub(now_ms()))
     }
+}
+
+/// A killed process whose parent has not reaped it yet still answers
+/// `kill(pid, 0)`; it holds nothing any more (a container whose init never
+/// reaps keeps such zombies for good).
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rfind(')')
+            .and_then(|at| stat[at + 1..].split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X")
+    })
 }
 
 /// The lease is held by someone else.
@@ -346,6 +357,29 @@ mod tests {
             .acquire_fence("volume:p/data", "db-2")
             .unwrap()
             .unwrap();
+    }
+
+    #[test]
+    fn a_zombie_holder_is_dead() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Not reaped yet: a zombie once it exited.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !is_zombie(pid as i32) {
+            assert!(std::time::Instant::now() < deadline, "never a zombie");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let store = Store::open_in_memory().unwrap();
+        store
+            .acquire_lease("daemon", "zombie", "a", TTL)
+            .unwrap()
+            .unwrap();
+        store
+            .raw_execute(&format!("UPDATE leases SET pid = {pid}"))
+            .unwrap();
+        assert_eq!(store.lease("daemon").unwrap(), None);
+        child.wait().unwrap();
+        assert!(!is_zombie(std::process::id() as i32));
     }
 
     #[test]
