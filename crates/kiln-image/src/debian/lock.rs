@@ -101,6 +101,22 @@ fn line_of(text: &str, offset: usize) -> usize {
         .map_or(1, |t| t.bytes().filter(|&b| b == b'\n').count() + 1)
 }
 
+/// The line of `field = …` in the table that starts at `from` (1-based),
+/// or `from` when it is not found (a dotted or inline form).
+fn field_line(text: &str, from: usize, field: &str) -> usize {
+    text.lines()
+        .enumerate()
+        .skip(from.saturating_sub(1))
+        .skip(1)
+        .take_while(|(_, l)| !l.trim_start().starts_with('['))
+        .find(|(_, l)| {
+            l.trim_start()
+                .strip_prefix(field)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map_or(from, |(i, _)| i + 1)
+}
+
 impl Lock {
     /// Parses the text of a lock; `path` is for messages.
     pub fn parse(text: &str, path: &Path) -> Result<Lock, ImageError> {
@@ -144,29 +160,39 @@ impl Lock {
             for p in image.package {
                 let line = line_of(text, p.span().start);
                 let p = p.into_inner();
+                // (field, why): the field names the line to point at.
                 let why = if !is_package_name(&p.name) {
-                    Some("`name` is not a Debian package name".to_string())
+                    Some(("name", "`name` is not a Debian package name".to_string()))
                 } else if !version::is_valid(&p.version) {
-                    Some(format!("`{}` is not a Debian version", p.version))
+                    Some((
+                        "version",
+                        format!("`{}` is not a Debian version", p.version),
+                    ))
                 } else if p.arch.is_empty()
                     || !p
                         .arch
                         .bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 {
-                    Some("`arch` is not an architecture".into())
+                    Some(("arch", "`arch` is not an architecture".into()))
                 } else if !is_sha256(&p.sha256) {
-                    Some("`sha256` is not 64 lowercase hex digits".into())
+                    Some(("sha256", "`sha256` is not 64 lowercase hex digits".into()))
                 } else if !is_pool_path(&p.filename) {
-                    Some("`filename` is not a pool path ending in .deb".into())
+                    Some((
+                        "filename",
+                        "`filename` is not a pool path ending in .deb".into(),
+                    ))
                 } else if packages.last().is_some_and(|last| last.name >= p.name) {
-                    Some("packages are not sorted by name, or one appears twice".into())
+                    Some((
+                        "name",
+                        "packages are not sorted by name, or one appears twice".into(),
+                    ))
                 } else {
                     None
                 };
-                if let Some(why) = why {
+                if let Some((field, why)) = why {
                     return Err(invalid(
-                        line,
+                        field_line(text, line, field),
                         format!("image `{name}`, package `{}`: {why}", p.name),
                     ));
                 }
@@ -369,7 +395,7 @@ mod tests {
                 1,
                 "format version",
             ),
-            (good.replacen(&"ab".repeat(32), "zz", 1), 0, "sha256"),
+            (good.replacen(&"ab".repeat(32), "zz", 1), 13, "sha256"),
             (
                 good.replacen("pool/main/p/libc6", "../etc", 1),
                 0,
