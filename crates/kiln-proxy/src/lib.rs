@@ -6,7 +6,10 @@
 //! A [`Proxy`] holds named routes. Each route listens on one address and is
 //! either HTTP (HTTP/1.1 and h2c from clients, HTTP/1.1 with a keep-alive
 //! pool to backends) or TCP (each client connection piped to one backend).
-//! Everything runs on tokio; nothing blocks.
+//! Everything runs on tokio; nothing blocks. Requests without a body and
+//! with an idempotent method (most traffic) are forwarded by the client
+//! connection's task itself over the pool (the `raw` module); the others
+//! go through hyper's HTTP/1.1 client.
 //!
 //! # Threads
 //!
@@ -94,8 +97,8 @@
 mod balance;
 mod config;
 mod error;
-mod http;
 pub mod host;
+mod http;
 mod raw;
 mod route;
 mod stats;
