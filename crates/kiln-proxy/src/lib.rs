@@ -97,7 +97,6 @@
 mod balance;
 mod config;
 mod error;
-pub mod host;
 mod http;
 mod raw;
 mod route;
