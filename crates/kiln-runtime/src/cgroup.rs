@@ -77,6 +77,28 @@ impl Cgroup {
         }
     }
 
+    /// The cgroup of instance `id` if any of its directories exists (one
+    /// a start created before the caller could record it).
+    pub fn existing(version: Version, id: &str) -> Option<Cgroup> {
+        let dirs: Vec<PathBuf> = match version {
+            Version::V1 => ["memory", "cpu", "pids"]
+                .iter()
+                .map(|c| Path::new(ROOT).join(c).join("kiln").join(id))
+                .filter(|p| p.is_dir())
+                .collect(),
+            Version::V2 => vec![Path::new(ROOT).join("kiln").join(id)]
+                .into_iter()
+                .filter(|p| p.is_dir())
+                .collect(),
+        };
+        (!dirs.is_empty()).then_some(Cgroup { version, dirs })
+    }
+
+    /// Whether a process is in the cgroup.
+    pub fn has_processes(&self) -> bool {
+        !self.pids().is_empty()
+    }
+
     fn setup(&self, limits: &Limits) -> std::io::Result<()> {
         if self.version == Version::V2 {
             // Controllers must be enabled in every ancestor's subtree_control.

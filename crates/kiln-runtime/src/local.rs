@@ -445,6 +445,9 @@ impl<M: Mode> Local<M> {
         let rec = self.load(id)?;
         let state = self.state_of(&rec);
         state.ensure_can_remove(id)?;
+        if rec.started.is_none() {
+            self.end_unrecorded_start(id)?;
+        }
         if let Some(cg) = rec.started.as_ref().and_then(|s| s.cgroup.as_ref())
             && !cg.remove()
         {
@@ -455,6 +458,35 @@ impl<M: Mode> Local<M> {
             ));
         }
         std::fs::remove_dir_all(self.dir(id)).map_err(io(id, "remove its state directory"))
+    }
+
+    /// A caller killed inside `start` (after the launch, before the pids
+    /// were written down) leaves an instance that looks created but runs.
+    /// Its program is in the instance's cgroup: kill it, and wait for the
+    /// supervisor's exit record, written once the init (and with it the
+    /// instance's mounts) is gone, so nothing of it outlives `remove`.
+    fn end_unrecorded_start(&self, id: &str) -> Result<(), RuntimeError> {
+        let Some(cg) = self
+            .mode
+            .cgroups()
+            .and_then(|v| Cgroup::existing(v, &self.cgroup_name(id)))
+        else {
+            return Ok(());
+        };
+        let ran = cg.has_processes();
+        if !cg.remove() {
+            return Err(setup(
+                id,
+                "its cgroup still has processes",
+                "retry; check for processes in state D",
+            ));
+        }
+        let exit = self.dir(id).join("exit");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ran && !exit.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
     }
 
     pub fn inspect(&self, id: &str) -> Result<InstanceInfo, RuntimeError> {
@@ -569,5 +601,65 @@ impl<M: Mode> Local<M> {
             });
         }
         Ok(drift)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Driver, InstanceConfig, InstanceState, Sandbox};
+
+    /// A caller killed inside `start` (launched, pids not yet written):
+    /// the instance looks created, yet runs; `remove` must end it before it
+    /// forgets it (the engine releases an exclusive volume's fence then).
+    #[test]
+    fn removing_an_instance_whose_start_was_not_recorded_ends_it() {
+        let busybox = std::path::Path::new("/bin/busybox");
+        let root = rustix::process::getuid().is_root();
+        if !root || crate::cgroup::detect().is_none() || !busybox.is_file() {
+            // The sandbox with cgroups (root) and a static busybox
+            // (scripts/test installs both) are what this needs.
+            assert!(
+                std::env::var("KILN_STRICT_TESTS").map_or(true, |v| v != "true"),
+                "KILN_STRICT_TESTS=true and this test needs root, cgroups and /bin/busybox"
+            );
+            eprintln!("SKIPPED: needs root, cgroups and /bin/busybox");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let rootfs = tmp.path().join("rootfs");
+        std::fs::create_dir_all(&rootfs).unwrap();
+        std::fs::copy(busybox, rootfs.join("sleep")).unwrap();
+        let driver = Sandbox::new(tmp.path().join("state")).unwrap();
+        let id = format!("unrecorded-{}", std::process::id());
+        let mut config = InstanceConfig::placeholder(&id);
+        config.image.rootfs = rootfs;
+        config.argv = vec!["/sleep".into(), "600".into()];
+        config.log_dir = tmp.path().join("logs");
+        driver.create(&config).unwrap();
+        let pid = match driver.start(&id).unwrap().state {
+            InstanceState::Running { pid: Some(pid) } => pid,
+            other => panic!("not running: {other:?}"),
+        };
+        let pidfd = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(pid as i32).unwrap(),
+            rustix::process::PidfdFlags::empty(),
+        )
+        .unwrap();
+        // As if the caller died before writing the pids down.
+        std::fs::remove_file(tmp.path().join("state").join(&id).join("started.json")).unwrap();
+        assert_eq!(driver.inspect(&id).unwrap().state, InstanceState::Created);
+        driver.remove(&id).unwrap();
+        // The program is gone (its pidfd is readable at once)…
+        let mut fds = [rustix::event::PollFd::new(
+            &pidfd,
+            rustix::event::PollFlags::IN,
+        )];
+        let zero = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        assert_eq!(rustix::event::poll(&mut fds, Some(&zero)).unwrap(), 1);
+        // …and so is the instance.
+        assert!(driver.inspect(&id).is_err());
     }
 }
