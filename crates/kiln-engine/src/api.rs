@@ -46,7 +46,7 @@ pub enum Request {
     Logs {
         service: String,
         follow: bool,
-        /// Bytes of history per instance and stream.
+        /// Lines of history per instance and stream.
         tail: u64,
     },
     Events {

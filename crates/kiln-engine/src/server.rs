@@ -349,8 +349,11 @@ async fn logs(
     }
     let mut offsets = Vec::new();
     for id in &ids {
-        let (out, err) = engine.logs(id, tail).await.unwrap_or_default();
+        // Up to 4 KiB per line asked for, then the last `tail` whole lines.
+        let budget = tail.saturating_mul(4096).min(16 << 20);
+        let (out, err) = engine.logs(id, budget).await.unwrap_or_default();
         for (stream, bytes) in [("stdout", out), ("stderr", err)] {
+            let bytes = last_lines(&bytes, tail, bytes.len() as u64 >= budget);
             if !bytes.is_empty() {
                 let _ = tx.send(Reply::Log {
                     instance: id.clone(),
@@ -446,5 +449,46 @@ impl http_body::Body for Lines {
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+/// The last `n` lines of `bytes`; when `cut` (the read started inside the
+/// file), the first line may be partial and is dropped.
+fn last_lines(bytes: &[u8], n: u64, cut: bool) -> Vec<u8> {
+    let mut start = 0;
+    if cut && let Some(i) = bytes.iter().position(|&b| b == b'\n') {
+        start = i + 1;
+    }
+    let body = &bytes[start..];
+    let trimmed = body.strip_suffix(b"\n").unwrap_or(body);
+    let mut seen = 0;
+    let mut from = 0;
+    for (i, &b) in trimmed.iter().enumerate().rev() {
+        if b == b'\n' {
+            seen += 1;
+            if seen == n {
+                from = i + 1;
+                break;
+            }
+        }
+    }
+    if n == 0 {
+        return Vec::new();
+    }
+    body[from..].to_vec()
+}
+
+#[cfg(test)]
+mod last_lines_tests {
+    use super::last_lines;
+
+    #[test]
+    fn keeps_the_last_whole_lines() {
+        assert_eq!(last_lines(b"a\nb\nc\n", 2, false), b"b\nc\n");
+        assert_eq!(last_lines(b"a\nb\nc", 2, false), b"b\nc");
+        assert_eq!(last_lines(b"a\nb\n", 5, false), b"a\nb\n");
+        assert_eq!(last_lines(b"tial\nb\nc\n", 5, true), b"b\nc\n");
+        assert_eq!(last_lines(b"a\n", 0, false), b"");
+        assert_eq!(last_lines(b"", 3, false), b"");
     }
 }

@@ -184,8 +184,8 @@ pub enum Command {
         /// Keep following new output (and new instances)
         #[arg(short, long)]
         follow: bool,
-        /// Bytes of history per instance and stream
-        #[arg(long, default_value_t = 16384)]
+        /// Lines of history per instance and stream
+        #[arg(long, value_name = "LINES", default_value_t = 100)]
         tail: u64,
     },
     /// Every generation, step, health change, drift, heal and rollback
