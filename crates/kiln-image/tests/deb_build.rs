@@ -60,6 +60,16 @@ fn build_with(
     out
 }
 
+/// [`build_with`] a [`counting`] source of `debs`.
+fn build(
+    store: &Store,
+    debs: &LocalDebs,
+    text: &str,
+    dir: &Path,
+) -> Result<BTreeMap<String, BuildOutcome>, ImageError> {
+    build_with(store, counting(debs).0, text, dir)
+}
+
 fn counting(debs: &LocalDebs) -> (Counting, Rc<Cell<usize>>) {
     let fetched = Rc::new(Cell::new(0));
     (
@@ -119,6 +129,20 @@ fn project(dir: &Path) {
     fs::write(dir.join("override"), "copied over the package's symlink\n").unwrap();
 }
 
+/// The [`fixtures`] in `<tmp>/debs` and a [`project`] in `<tmp>/project`:
+/// (tmp, debs, project dir); `None`, skipped, without dpkg-deb.
+fn setup() -> Option<(tempfile::TempDir, LocalDebs, PathBuf)> {
+    if !have_dpkg_deb() {
+        return None;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let debs = fixtures(&tmp.path().join("debs"));
+    let dir = tmp.path().join("project");
+    fs::create_dir_all(&dir).unwrap();
+    project(&dir);
+    Some((tmp, debs, dir))
+}
+
 fn file<'a>(l: &'a Listing, path: &str) -> &'a (char, u32, u64, u64, Vec<u8>) {
     l.get(path)
         .unwrap_or_else(|| panic!("no {path} in {:?}", l.keys().collect::<Vec<_>>()))
@@ -126,17 +150,11 @@ fn file<'a>(l: &'a Listing, path: &str) -> &'a (char, u32, u64, u64, Vec<u8>) {
 
 #[test]
 fn an_image_has_its_packages_files_dpkg_database_users_and_dirs() {
-    if !have_dpkg_deb() {
+    let Some((tmp, debs, dir)) = setup() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let debs = fixtures(&tmp.path().join("debs"));
-    let dir = tmp.path().join("project");
-    fs::create_dir_all(&dir).unwrap();
-    project(&dir);
+    };
     let store = Store::open(&tmp.path().join("store")).unwrap();
-    let (source, _) = counting(&debs);
-    let out = build_with(&store, source, SPEC, &dir).unwrap();
+    let out = build(&store, &debs, SPEC, &dir).unwrap();
     let image = store.load_image(&out["app"].digest).unwrap();
     let l = listing(&store, &image);
 
@@ -235,14 +253,9 @@ fn an_image_has_its_packages_files_dpkg_database_users_and_dirs() {
 
 #[test]
 fn same_packages_same_digest_and_a_warm_rebuild_fetches_nothing() {
-    if !have_dpkg_deb() {
+    let Some((tmp, debs, dir)) = setup() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let debs = fixtures(&tmp.path().join("debs"));
-    let dir = tmp.path().join("project");
-    fs::create_dir_all(&dir).unwrap();
-    project(&dir);
+    };
 
     let store_a = Store::open(&tmp.path().join("a")).unwrap();
     let (source, fetched) = counting(&debs);
@@ -252,8 +265,7 @@ fn same_packages_same_digest_and_a_warm_rebuild_fetches_nothing() {
 
     // A second, fresh store: unpacked again, same bytes.
     let store_b = Store::open(&tmp.path().join("b")).unwrap();
-    let (source, _) = counting(&debs);
-    let second = build_with(&store_b, source, SPEC, &dir).unwrap();
+    let second = build(&store_b, &debs, SPEC, &dir).unwrap();
     assert_eq!(first["app"].digest, second["app"].digest);
     assert_eq!(first["app"].recipe, second["app"].recipe);
 
@@ -280,22 +292,16 @@ fn same_packages_same_digest_and_a_warm_rebuild_fetches_nothing() {
         &[Item::File("usr/bin/tool", b"v2\n".to_vec(), 0o755)],
         "zstd",
     );
-    let (source, _) = counting(&LocalDebs::open(&newer).unwrap());
-    let changed = build_with(&store_a, source, SPEC, &dir).unwrap();
+    let changed = build(&store_a, &LocalDebs::open(&newer).unwrap(), SPEC, &dir).unwrap();
     assert_ne!(changed["app"].digest, first["app"].digest);
     assert_ne!(changed["app"].recipe, first["app"].recipe);
 }
 
 #[test]
 fn a_tampered_deb_is_refused_by_the_source_and_again_by_the_unpacker() {
-    if !have_dpkg_deb() {
+    let Some((tmp, debs, dir)) = setup() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let debs = fixtures(&tmp.path().join("debs"));
-    let dir = tmp.path().join("project");
-    fs::create_dir_all(&dir).unwrap();
-    project(&dir);
+    };
     // The pins are taken before the file is changed (as the lock was).
     let deb = tmp.path().join("debs/tool_1.2-3_amd64.deb");
     let mut bytes = fs::read(&deb).unwrap();
@@ -304,8 +310,7 @@ fn a_tampered_deb_is_refused_by_the_source_and_again_by_the_unpacker() {
     fs::write(&deb, &bytes).unwrap();
 
     let store = Store::open(&tmp.path().join("s")).unwrap();
-    let (source, _) = counting(&debs);
-    let err = build_with(&store, source, SPEC, &dir).unwrap_err();
+    let err = build(&store, &debs, SPEC, &dir).unwrap_err();
     assert!(matches!(err, ImageError::DebMismatch { .. }), "{err}");
     assert!(err.to_string().contains("tool_1.2-3_amd64.deb"), "{err}");
 
@@ -319,17 +324,11 @@ fn a_tampered_deb_is_refused_by_the_source_and_again_by_the_unpacker() {
 
 #[test]
 fn a_changed_unpacked_file_is_refused_and_named() {
-    if !have_dpkg_deb() {
+    let Some((tmp, debs, dir)) = setup() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let debs = fixtures(&tmp.path().join("debs"));
-    let dir = tmp.path().join("project");
-    fs::create_dir_all(&dir).unwrap();
-    project(&dir);
+    };
     let store = Store::open(&tmp.path().join("s")).unwrap();
-    let (source, _) = counting(&debs);
-    build_with(&store, source, SPEC, &dir).unwrap();
+    build(&store, &debs, SPEC, &dir).unwrap();
     // Change a file of the unpacked cache and force a rebuild (SOURCE_DATE_EPOCH).
     let sha = &debs.debs["libfoo"].0.sha256;
     let blob_dir = store
@@ -377,10 +376,10 @@ fn packages_that_disagree_on_a_path_are_refused_naming_both() {
         &[Item::File("etc/thing", b"b\n".to_vec(), 0o644)],
         "xz",
     );
-    let (source, _) = counting(&LocalDebs::open(&out).unwrap());
+    let debs = LocalDebs::open(&out).unwrap();
     let store = Store::open(&tmp.path().join("s")).unwrap();
     let text = "[project]\nname = \"x\"\n[image.c]\ndebian = [\"bbb\", \"aaa\"]\n";
-    let err = build_with(&store, source, text, tmp.path()).unwrap_err();
+    let err = build(&store, &debs, text, tmp.path()).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, ImageError::PackageConflict { .. }), "{msg}");
     assert!(
@@ -427,11 +426,9 @@ dirs = [{ path = "/data", mode = 0o700, owner = "svc" }]
 
 #[test]
 fn on_a_base_image_the_bases_dpkg_status_stays() {
-    if !have_dpkg_deb() {
+    let Some((tmp, debs, _)) = setup() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let debs = fixtures(&tmp.path().join("debs"));
+    };
     let store = Store::open(&tmp.path().join("s")).unwrap();
     let text = r#"
 [project]
@@ -442,8 +439,7 @@ debian = ["tool"]
 from = "base"
 debian = ["libfoo"]
 "#;
-    let (source, _) = counting(&debs);
-    let out = build_with(&store, source, text, tmp.path()).unwrap();
+    let out = build(&store, &debs, text, tmp.path()).unwrap();
     let image = store.load_image(&out["top"].digest).unwrap();
     assert_eq!(image.layers().len(), 2);
     let l = listing(&store, &image);

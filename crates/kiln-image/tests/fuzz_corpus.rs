@@ -6,82 +6,31 @@
 
 mod invariants;
 mod invariants_registry;
+#[path = "../../../fuzz/replay.rs"]
+mod replay;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-const TARGETS: [&str; 4] = [
-    "image_json",
-    "layer_unpack",
-    "registry_reference",
-    "minisig_parse",
+use replay::root;
+
+const TARGETS: [replay::Target; 4] = [
+    ("image_json", invariants::image_json),
+    ("layer_unpack", invariants::layer_unpack),
+    ("registry_reference", |b| {
+        invariants_registry::registry_reference(&String::from_utf8_lossy(b))
+    }),
+    ("minisig_parse", invariants_registry::minisig_parse),
 ];
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn files_in(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut files: Vec<PathBuf> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    files
-}
-
-fn replay(target: &str, path: &Path) {
-    let bytes = std::fs::read(path).unwrap();
-    let run: fn(&[u8]) = match target {
-        "image_json" => invariants::image_json,
-        "layer_unpack" => invariants::layer_unpack,
-        "registry_reference" => {
-            |b| invariants_registry::registry_reference(&String::from_utf8_lossy(b))
-        }
-        "minisig_parse" => invariants_registry::minisig_parse,
-        other => panic!("{}: no fuzz target `{other}`", path.display()),
-    };
-    if let Err(panic) = std::panic::catch_unwind(|| run(&bytes)) {
-        let why = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default();
-        panic!("{target} fails on {}: {why}", path.display());
-    }
-}
-
-fn replay_dirs(base: &Path) -> usize {
-    let mut n = 0;
-    for target in TARGETS {
-        for path in files_in(&base.join(target)) {
-            replay(target, &path);
-            n += 1;
-        }
-    }
-    n
-}
 
 #[test]
 fn seed_corpus_keeps_the_fuzz_invariants() {
-    let seeds = root().join("fuzz/seeds");
-    for target in TARGETS {
-        assert!(
-            !files_in(&seeds.join(target)).is_empty(),
-            "fuzz/seeds/{target}/ has no seeds"
-        );
-    }
-    replay_dirs(&seeds);
+    replay::seeds(&TARGETS, 1);
 }
 
 #[test]
 fn local_fuzz_corpus_keeps_the_fuzz_invariants() {
     // Only there after fuzzing on this machine; CI replays the seeds above.
-    let n = replay_dirs(&root().join("fuzz/corpus"));
-    eprintln!("replayed {n} inputs from fuzz/corpus");
+    replay::corpus(&TARGETS);
 }
 
 #[test]
