@@ -170,6 +170,9 @@ pub struct RouteStatus {
     pub listen: String,
     pub service: String,
     pub backends: Vec<(String, String, u32)>,
+    /// The host names the route serves on its address (empty: any).
+    #[serde(default)]
+    pub hosts: Vec<String>,
 }
 
 /// One difference found between what runs and what was declared.

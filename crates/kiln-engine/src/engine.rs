@@ -76,6 +76,9 @@ pub struct Engine {
     pub(crate) proxy: Proxy,
     /// The routes the proxy serves, as declared.
     pub(crate) routes: Mutex<BTreeMap<String, Route>>,
+    /// The content digests of the error pages each route serves (routes
+    /// without pages absent), for the planner.
+    pub(crate) route_pages: Mutex<BTreeMap<String, BTreeMap<u16, kiln_plan::Digest>>>,
     pub(crate) live: Mutex<HashMap<String, Live>>,
     /// Bumped whenever an instance's status changes.
     pub(crate) changed: watch::Sender<u64>,
@@ -145,6 +148,7 @@ impl Engine {
             materials,
             proxy: Proxy::new(),
             routes: Mutex::default(),
+            route_pages: Mutex::default(),
             live: Mutex::default(),
             changed: watch::channel(0).0,
             events: broadcast::channel(1024).0,
@@ -344,6 +348,7 @@ impl Engine {
     pub(crate) fn observed(&self) -> Result<Observed, EngineError> {
         let mut observed = Observed {
             routes: self.routes.lock().expect("routes").clone(),
+            route_pages: self.route_pages.lock().expect("routes").clone(),
             ..Observed::default()
         };
         for rec in self.store.list_instances(None)? {
@@ -925,7 +930,7 @@ impl Engine {
         self.adopt_fences(&running.keys().cloned().collect());
         if let Some((_, generation)) = &active {
             for (name, route) in &generation.spec.routes {
-                if let Err(e) = self.configure_route(name, route).await {
+                if let Err(e) = self.configure_route(name, route, generation).await {
                     self.event("route.error", format!("route/{name}"), None, e);
                 }
             }
@@ -942,7 +947,14 @@ impl Engine {
     // ---- routes ---------------------------------------------------------
 
     /// Serves route `name` and gives it the service's in-rotation instances.
-    pub(crate) async fn configure_route(&self, name: &str, route: &Route) -> Result<(), String> {
+    /// Its error pages are read from the content store, where applying
+    /// `generation` put them (a rollback serves the old pages again).
+    pub(crate) async fn configure_route(
+        &self,
+        name: &str,
+        route: &Route,
+        generation: &kiln_plan::Generation,
+    ) -> Result<(), String> {
         let listen = parse_listen(&route.listen)?;
         let protocol = match route.protocol {
             model::Protocol::Http => kiln_proxy::Protocol::Http,
@@ -960,6 +972,19 @@ impl Engine {
             model::Balance::RoundRobin => kiln_proxy::LoadBalance::RoundRobin,
             model::Balance::LeastRequests => kiln_proxy::LoadBalance::LeastRequests,
         };
+        config.hosts = route.hosts.clone();
+        let pages = generation.route_pages(name);
+        for (status, digest) in &pages {
+            let stored = self.materials.files_dir().join(digest.hex());
+            let bytes = std::fs::read(&stored).map_err(|e| {
+                format!(
+                    "route {name}: error page {status} ({}) cannot be read from {}: {e}\n  hint: apply the project again",
+                    route.error_pages.get(status).map_or("?", String::as_str),
+                    stored.display()
+                )
+            })?;
+            config.error_pages.insert(*status, bytes.into());
+        }
         let inherited = self
             .inherited
             .lock()
@@ -993,6 +1018,14 @@ impl Engine {
             .lock()
             .expect("routes")
             .insert(name.to_owned(), route.clone());
+        {
+            let mut served = self.route_pages.lock().expect("routes");
+            if pages.is_empty() {
+                served.remove(name);
+            } else {
+                served.insert(name.to_owned(), pages);
+            }
+        }
         self.proxy
             .set_backends(name, backends)
             .map_err(|e| e.to_string())
@@ -1129,6 +1162,7 @@ impl Engine {
                     .local_addr(name)
                     .map_or_else(|| r.listen.clone(), |a| a.to_string()),
                 service: r.service.clone(),
+                hosts: r.hosts.clone(),
                 backends: self
                     .proxy
                     .backends(name)

@@ -123,6 +123,23 @@ pub fn resolve(
             }
         }
     }
+    for (route_name, route) in &spec.routes {
+        for (status, src) in &route.error_pages {
+            match fs::read(dir.join(src)) {
+                Ok(bytes) => {
+                    resolved.files.insert(src.clone(), Digest::of(&bytes));
+                }
+                Err(e) => problems.push(ResolveProblem {
+                    what: format!("route `{route_name}`: error page {status} `{src}`"),
+                    why: format!("cannot be read: {e}"),
+                    hint: format!(
+                        "create {} or fix the path in kiln.toml",
+                        dir.join(src).display()
+                    ),
+                }),
+            }
+        }
+    }
     if problems.is_empty() && spec.policy.require_signed {
         let keys: Vec<PathBuf> = spec
             .policy
@@ -234,6 +251,36 @@ secrets = { TOKEN = { file = "token" }, KEY = { env = "T_KEY" } }
         fs::write(dir.path().join("bin/run"), "#!/bin/sh\necho\n").unwrap();
         let g2 = resolve_in(spec(SPEC), dir.path(), &env).unwrap();
         assert_ne!(g1.resolved.images["app"], g2.resolved.images["app"]);
+    }
+
+    #[test]
+    fn error_pages_are_digested_and_a_missing_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        write_project(dir.path(), "t");
+        let with_page = format!(
+            "{SPEC}[route.web]\nlisten = \"127.0.0.1:80\"\nservice = \"web\"\nport = \"http\"\nerror_pages = {{ \"503\" = \"pages/503.html\" }}\n"
+        );
+        let err = resolve_in(
+            spec(&with_page.replace("[service.web]", "[service.web]\nports = { http = {} }")),
+            dir.path(),
+            &env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("route `web`: error page 503 `pages/503.html`"),
+            "{err}"
+        );
+
+        fs::create_dir_all(dir.path().join("pages")).unwrap();
+        fs::write(dir.path().join("pages/503.html"), "<h1>soon</h1>").unwrap();
+        let g = resolve_in(
+            spec(&with_page.replace("[service.web]", "[service.web]\nports = { http = {} }")),
+            dir.path(),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(g.route_pages("web")[&503], Digest::of(b"<h1>soon</h1>"));
     }
 
     #[test]

@@ -610,7 +610,7 @@ impl Engine {
                 say(progress, format!("  - {id} destroyed"));
             }
             Step::ConfigureRoute { name, route } => {
-                self.configure_route(name, route).await?;
+                self.configure_route(name, route, generation).await?;
                 self.event(
                     "route.configured",
                     format!("route/{name}"),
@@ -628,6 +628,7 @@ impl Engine {
                     .await
                     .map_err(|e| e.to_string())?;
                 self.routes.lock().expect("routes").remove(name);
+                self.route_pages.lock().expect("routes").remove(name);
                 self.event(
                     "route.removed",
                     format!("route/{name}"),

@@ -61,6 +61,7 @@ pub struct Resolved {
 pub enum ResolveError {
     Image { service: String, image: String },
     File { service: String, path: String },
+    Page { route: String, path: String },
     Secret { service: String, reference: String },
 }
 
@@ -77,6 +78,12 @@ impl fmt::Display for ResolveError {
                 write!(
                     f,
                     "service `{service}`: file `{path}` was not resolved to a digest"
+                )
+            }
+            ResolveError::Page { route, path } => {
+                write!(
+                    f,
+                    "route `{route}`: error page `{path}` was not resolved to a digest"
                 )
             }
             ResolveError::Secret { service, reference } => {
@@ -107,6 +114,29 @@ pub struct Generation {
 }
 
 impl Generation {
+    /// The content digests of route `name`'s error pages, by status
+    /// (recorded with the service files in `resolved.files`).
+    pub fn route_pages(&self, name: &str) -> BTreeMap<u16, Digest> {
+        self.spec
+            .routes
+            .get(name)
+            .into_iter()
+            .flat_map(|r| &r.error_pages)
+            .filter_map(|(status, path)| Some((*status, self.resolved.files.get(path)?.clone())))
+            .collect()
+    }
+
+    /// Every route's page digests, routes without pages left out (as
+    /// [`Observed::route_pages`](crate::Observed) holds them).
+    pub fn all_route_pages(&self) -> BTreeMap<String, BTreeMap<u16, Digest>> {
+        self.spec
+            .routes
+            .keys()
+            .map(|name| (name.clone(), self.route_pages(name)))
+            .filter(|(_, pages)| !pages.is_empty())
+            .collect()
+    }
+
     /// Checks that every reference the spec makes was resolved, and keeps
     /// only the resolutions the spec uses (so the hash never depends on
     /// leftovers).
@@ -144,6 +174,19 @@ impl Generation {
                     None => errors.push(ResolveError::Secret {
                         service: name.clone(),
                         reference: key,
+                    }),
+                }
+            }
+        }
+        for (name, route) in &spec.routes {
+            for path in route.error_pages.values() {
+                match resolved.files.get(path) {
+                    Some(d) => {
+                        used.files.insert(path.clone(), d.clone());
+                    }
+                    None => errors.push(ResolveError::Page {
+                        route: name.clone(),
+                        path: path.clone(),
                     }),
                 }
             }

@@ -46,4 +46,9 @@ pub struct Observed {
     pub instances: Vec<ObservedInstance>,
     /// Routes the proxy currently serves, by name.
     pub routes: BTreeMap<String, Route>,
+    /// The content digests of the error pages each route serves, by route
+    /// and status (routes without pages are absent): a page whose content
+    /// changed under the same path reconfigures its route.
+    #[serde(default)]
+    pub route_pages: BTreeMap<String, BTreeMap<u16, crate::generation::Digest>>,
 }

@@ -34,7 +34,12 @@ pub const REMOVED_SERVICE_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// replicas, by design of the step).
 pub fn plan(desired: &Generation, observed: &Observed) -> Plan {
     let mut steps = Vec::new();
-    let routing = plan_routes(&desired.spec.routes, &observed.routes, &mut steps);
+    let desired_pages = desired.all_route_pages();
+    let routing = plan_routes(
+        (&desired.spec.routes, &desired_pages),
+        (&observed.routes, &observed.route_pages),
+        &mut steps,
+    );
     let by_service = index(&observed.instances);
     let ids = IdAllocator::new(&observed.instances);
     let mut services = Vec::new();
@@ -99,11 +104,16 @@ impl Routing<'_> {
     }
 }
 
+/// A route set and the digests of its routes' error pages.
+type RoutesAndPages<'a> = (&'a BTreeMap<String, Route>, &'a BTreeMap<String, Pages>);
+type Pages = BTreeMap<u16, crate::generation::Digest>;
+
 fn plan_routes<'a>(
-    desired: &'a BTreeMap<String, Route>,
-    observed: &'a BTreeMap<String, Route>,
+    (desired, desired_pages): RoutesAndPages<'a>,
+    (observed, observed_pages): RoutesAndPages<'a>,
     steps: &mut Vec<Step>,
 ) -> Routing<'a> {
+    let no_pages = Pages::new();
     // Routes per service as the route steps run: a service that is left
     // without a route at any point loses its backend set.
     let mut routes: HashMap<&str, usize> = HashMap::new();
@@ -140,13 +150,25 @@ fn plan_routes<'a>(
         }
     }
     for (name, route) in desired {
+        let old_pages = observed_pages.get(name).unwrap_or(&no_pages);
+        let new_pages = desired_pages.get(name).unwrap_or(&no_pages);
         let action = match observed.get(name) {
-            Some(old) if old == route => continue,
-            Some(old) => RouteAction::Change {
-                old: old.clone(),
-                new: route.clone(),
-                changes: diff_values(old, route),
-            },
+            Some(old) if old == route && old_pages == new_pages => continue,
+            Some(old) => {
+                let mut changes = diff_values(old, route);
+                // Same paths, other content: named by the pages' digests.
+                if old.error_pages == route.error_pages {
+                    changes.extend(diff_values(
+                        &serde_json::json!({ "error_pages": old_pages }),
+                        &serde_json::json!({ "error_pages": new_pages }),
+                    ));
+                }
+                RouteAction::Change {
+                    old: old.clone(),
+                    new: route.clone(),
+                    changes,
+                }
+            }
             None => RouteAction::Create {
                 route: route.clone(),
             },

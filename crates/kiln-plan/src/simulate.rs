@@ -90,11 +90,18 @@ pub fn apply_step(desired: &Generation, world: &mut Observed, step: &Step) {
         Step::ConfigureRoute { name, route } => {
             unroute_orphans(world);
             world.routes.insert(name.clone(), route.clone());
+            let pages = desired.route_pages(name);
+            if pages.is_empty() {
+                world.route_pages.remove(name);
+            } else {
+                world.route_pages.insert(name.clone(), pages);
+            }
             unroute_orphans(world);
         }
         Step::RemoveRoute { name } => {
             unroute_orphans(world);
             world.routes.remove(name);
+            world.route_pages.remove(name);
             unroute_orphans(world);
         }
     }

@@ -68,6 +68,7 @@ pub fn route(service: &str, listen: &str) -> Route {
         max_connections: None,
         balance: Default::default(),
         error_pages: BTreeMap::new(),
+        hosts: Vec::new(),
     }
 }
 
@@ -118,6 +119,12 @@ pub fn resolve(spec: &Spec) -> Resolved {
             resolved.secrets.insert(key, digest);
         }
     }
+    for route in spec.routes.values() {
+        for path in route.error_pages.values() {
+            let digest = Digest::of(format!("file:{path}").as_bytes());
+            resolved.files.insert(path.clone(), digest);
+        }
+    }
     resolved
 }
 
@@ -158,5 +165,6 @@ pub fn steady(generation: &Generation) -> Observed {
             .flat_map(|name| running(generation, name))
             .collect(),
         routes: generation.spec.routes.clone(),
+        route_pages: generation.all_route_pages(),
     }
 }

@@ -57,6 +57,11 @@ pub struct RouteConfig {
     /// `[route.X] error_pages = { 503 = "pages/503.html" }` fills it with the
     /// files' contents.
     pub error_pages: BTreeMap<u16, Arc<[u8]>>,
+    /// HTTP: the host names this route serves (`shop.example.com`,
+    /// `*.example.com`); empty: every host its address's other routes do
+    /// not claim. Several HTTP routes may share one `listen` (port other
+    /// than 0) when their hosts are disjoint; see the `host` module.
+    pub hosts: Vec<String>,
 }
 
 impl RouteConfig {
@@ -71,6 +76,7 @@ impl RouteConfig {
             maintenance: false,
             load_balance: LoadBalance::RoundRobin,
             error_pages: BTreeMap::new(),
+            hosts: Vec::new(),
         }
     }
 }

@@ -34,6 +34,16 @@ pub enum ProxyError {
         "route {route}: backend id {id} appears twice in the set\n  hint: backend ids must be unique within a route"
     )]
     DuplicateBackend { route: String, id: String },
+    /// The routes of one address cannot share it (overlapping hosts, two
+    /// defaults, a TCP route among others).
+    #[error(
+        "route {route} cannot share {listen}: {message}\n  hint: give each route of one address its own `hosts`, and TCP routes an address of their own"
+    )]
+    Shared {
+        route: String,
+        listen: SocketAddr,
+        message: String,
+    },
     /// The proxy's worker threads could not be started.
     #[error(
         "cannot start the proxy's worker threads: {0}\n  hint: the process may be at its thread or memory limit"

@@ -472,8 +472,58 @@ pub(crate) fn forwarded_headers(
     headers
 }
 
+/// Which route of the connection's listener serves a request.
+enum Pick {
+    /// The route the connection was accepted for, still its socket's only
+    /// one: no host lookup, no reference count touched.
+    Sole,
+    /// The route its host names (HTTP/1.1's `Host`, h2's `:authority`, or
+    /// an absolute URI's authority).
+    Named(Arc<RouteShared>),
+    /// No route claims the host.
+    Nowhere,
+}
+
+fn route_for(conn: &Conn, req: &Request<Incoming>) -> Pick {
+    let router = conn.guard.listener.router.load();
+    if router.is_trivial() {
+        return match (router.route(None), &conn.guard.sole) {
+            (Some(route), Some(sole)) if Arc::ptr_eq(route, sole) => Pick::Sole,
+            (Some(route), _) => Pick::Named(route.clone()),
+            (None, _) => Pick::Nowhere,
+        };
+    }
+    let host = match req.uri().authority() {
+        Some(authority) => Some(authority.as_str().as_bytes()),
+        None => req.headers().get(header::HOST).map(HeaderValue::as_bytes),
+    };
+    router
+        .route(host)
+        .map_or(Pick::Nowhere, |r| Pick::Named(r.clone()))
+}
+
 async fn handle(conn: &Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody> {
-    let route: &RouteShared = &conn.guard.route;
+    let named;
+    let route: &RouteShared = match route_for(conn, &req) {
+        Pick::Sole => conn.guard.sole.as_deref().expect("checked by route_for"),
+        Pick::Named(route) => {
+            named = route;
+            &named
+        }
+        Pick::Nowhere => {
+            let mut response = text(
+                StatusCode::NOT_FOUND,
+                "kiln: no route for this host".to_owned(),
+                None,
+            );
+            if conn.guard.over_limit && req.version() < Version::HTTP_2 {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return response;
+        }
+    };
     let config = route.config.load_full();
     let name = &route.name;
     if conn.guard.over_limit {
@@ -513,7 +563,7 @@ async fn handle(conn: &Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody>
         });
     }
     if crate::upgrade::requested(&req) {
-        return crate::upgrade::forward(conn, &config, &set, req).await;
+        return crate::upgrade::forward(conn, route, &config, &set, req).await;
     }
 
     let (mut parts, body) = req.into_parts();

@@ -6,6 +6,11 @@
 //! A [`Proxy`] holds named routes. Each route listens on one address and is
 //! either HTTP (HTTP/1.1 and h2c from clients, HTTP/1.1 with a keep-alive
 //! pool to backends) or TCP (each client connection piped to one backend).
+//! Several HTTP routes may share one address (one socket): each request
+//! goes to the route its host names ([`RouteConfig::hosts`], the [`host`]
+//! module), else 404. A socket with one route and no hosts skips the
+//! lookup. A socket closes when its last route is removed; its connection
+//! limit and gauge are the socket's.
 //! Everything runs on tokio; nothing blocks. Requests without a body and
 //! with an idempotent method (most traffic) are forwarded by the client
 //! connection's task itself over the pool (the `raw` module); the others
@@ -97,6 +102,7 @@
 mod balance;
 mod config;
 mod error;
+pub mod host;
 mod http;
 mod raw;
 mod route;
@@ -105,13 +111,15 @@ mod tcp;
 mod upgrade;
 mod workers;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use crate::balance::{BackendSet, ClientCell, Entry};
-use crate::route::{Listening, RouteShared};
+use crate::host::HostRouter;
+use crate::route::{ListenerShared, Listening, RouteShared};
 use crate::stats::{BackendCounters, Exposition, Gauge};
 use crate::workers::Workers;
 
@@ -142,7 +150,17 @@ pub struct Proxy {
 #[derive(Debug)]
 struct Route {
     shared: Arc<RouteShared>,
+    /// Its listener's key in `Inner::listeners`.
+    listener: u64,
+}
+
+/// One listening socket and the routes served on it.
+#[derive(Debug)]
+struct Listener {
+    shared: Arc<ListenerShared>,
     listening: Listening,
+    /// The names of its routes (at least one).
+    routes: BTreeSet<String>,
 }
 
 #[derive(Debug, Default)]
@@ -151,7 +169,10 @@ struct Inner {
     worker_count: usize,
     /// Started with the first route.
     workers: OnceLock<Workers>,
+    /// Locked before `listeners` when both are.
     routes: Mutex<HashMap<String, Route>>,
+    listeners: Mutex<HashMap<u64, Listener>>,
+    next_listener: AtomicU64,
     /// In-flight gauges by backend id, across routes.
     gauges: Mutex<HashMap<String, Arc<Gauge>>>,
     /// Serialises configure/remove/shutdown (never taken by requests).
@@ -203,18 +224,37 @@ impl Proxy {
     /// Binds `config.listen` (with SO_REUSEADDR) and serves route `name`.
     ///
     /// If the route exists with the same `listen`, only its settings change:
-    /// the socket is kept and no connection is dropped. With another
-    /// address, the new socket is bound first, then the old listener stops
-    /// accepting (its open connections finish).
+    /// the socket is kept and no connection is dropped. If another route
+    /// already listens on that address (a port other than 0), the route
+    /// joins its socket, dispatched by host (`RouteConfig::hosts`). With a
+    /// new address, the new socket is bound first, then the route leaves
+    /// the old one, which stops accepting once no route is left on it (its
+    /// open connections finish).
     pub async fn configure_route(&self, name: &str, config: RouteConfig) -> Result<(), ProxyError> {
         let _ops = self.inner.ops.lock().await;
-        {
-            let routes = locked(&self.inner.routes);
-            if let Some(route) = routes.get(name)
-                && route.listening.configured == config.listen
-            {
-                route.shared.config.store(Arc::new(config));
+        let current = locked(&self.inner.routes)
+            .get(name)
+            .map(|r| (r.shared.clone(), r.listener));
+        if let Some((shared, key)) = current {
+            let same = locked(&self.inner.listeners)
+                .get(&key)
+                .is_some_and(|l| l.listening.configured == config.listen);
+            if same {
+                let old = shared.config.swap(Arc::new(config));
+                if let Err(e) = self.rebuild(key, name) {
+                    shared.config.store(old);
+                    return Err(e);
+                }
                 return Ok(());
+            }
+        }
+        if config.listen.port() != 0 {
+            let key = locked(&self.inner.listeners)
+                .iter()
+                .find(|(_, l)| l.listening.configured == config.listen)
+                .map(|(k, _)| *k);
+            if let Some(key) = key {
+                return self.join(name, config, key).await;
             }
         }
         let listener = route::bind(name, config.listen)?;
@@ -224,7 +264,9 @@ impl Proxy {
 
     /// Like [`Proxy::configure_route`], but serves on an already-bound
     /// listener (socket handover, tests); the route's previous listener, if
-    /// any, is retired.
+    /// any, is left. If a route already serves on that same socket (one
+    /// handed over for several routes of an address), the route joins it
+    /// and `listener` is closed.
     pub async fn configure_route_with_listener(
         &self,
         name: &str,
@@ -238,7 +280,125 @@ impl Proxy {
                 route: name.to_owned(),
                 source,
             })?;
+        let key = locked(&self.inner.listeners)
+            .iter()
+            .find(|(_, l)| l.listening.local_addr == configured)
+            .map(|(k, _)| *k);
+        if let Some(key) = key {
+            return self.join(name, config, key).await;
+        }
         self.install(name, config, listener, configured).await
+    }
+
+    /// The route's shared state with `config`: the existing one, or a new
+    /// one with its staged backend set.
+    fn route_shared(
+        &self,
+        name: &str,
+        config: RouteConfig,
+    ) -> Result<(Arc<RouteShared>, Option<Arc<RouteConfig>>), ProxyError> {
+        let existing = locked(&self.inner.routes)
+            .get(name)
+            .map(|r| r.shared.clone());
+        let (shared, old) = match existing {
+            Some(shared) => {
+                let old = shared.config.swap(Arc::new(config));
+                (shared, Some(old))
+            }
+            None => (Arc::new(RouteShared::new(name, config)), None),
+        };
+        let staged = locked(&self.inner.staged).remove(name);
+        if let Some(backends) = staged {
+            self.apply_backends(name, &shared, backends)?;
+        }
+        Ok((shared, old))
+    }
+
+    /// Serves route `name` on the existing listener `key` as well.
+    async fn join(&self, name: &str, config: RouteConfig, key: u64) -> Result<(), ProxyError> {
+        let (shared, old_config) = self.route_shared(name, config)?;
+        let previous = locked(&self.inner.routes).insert(
+            name.to_owned(),
+            Route {
+                shared: shared.clone(),
+                listener: key,
+            },
+        );
+        let added = locked(&self.inner.listeners)
+            .get_mut(&key)
+            .is_some_and(|l| l.routes.insert(name.to_owned()));
+        if let Err(e) = self.rebuild(key, name) {
+            // Back to how it was: the route where it served, as it was.
+            {
+                let mut routes = locked(&self.inner.routes);
+                match previous {
+                    Some(p) => routes.insert(name.to_owned(), p),
+                    None => routes.remove(name),
+                };
+            }
+            if added && let Some(l) = locked(&self.inner.listeners).get_mut(&key) {
+                l.routes.remove(name);
+            }
+            if let Some(old) = old_config {
+                shared.config.store(old);
+            }
+            let _ = self.rebuild(key, name);
+            return Err(e);
+        }
+        if let Some(previous) = previous
+            && previous.listener != key
+        {
+            self.leave(previous.listener, name).await;
+        }
+        Ok(())
+    }
+
+    /// Builds the host router of listener `key` from its routes' current
+    /// settings and swaps it in; `culprit` names the route in an error.
+    fn rebuild(&self, key: u64, culprit: &str) -> Result<(), ProxyError> {
+        let routes = locked(&self.inner.routes);
+        let listeners = locked(&self.inner.listeners);
+        let Some(listener) = listeners.get(&key) else {
+            return Ok(());
+        };
+        let members: Vec<(Arc<RouteConfig>, Arc<RouteShared>)> = listener
+            .routes
+            .iter()
+            .filter_map(|n| routes.get(n))
+            .map(|r| (r.shared.config.load_full(), r.shared.clone()))
+            .collect();
+        let (router, max) = router_for(&members).map_err(|message| ProxyError::Shared {
+            route: culprit.to_owned(),
+            listen: listener.listening.configured,
+            message,
+        })?;
+        listener
+            .shared
+            .max_connections
+            .store(max, Ordering::Relaxed);
+        listener.shared.router.store(Arc::new(router));
+        Ok(())
+    }
+
+    /// Route `name` no longer serves on listener `key`: the listener stops
+    /// (socket closed when this returns) if it was its last route, else its
+    /// router forgets the route.
+    async fn leave(&self, key: u64, name: &str) {
+        let emptied = {
+            let mut listeners = locked(&self.inner.listeners);
+            let empty = listeners.get_mut(&key).is_some_and(|l| {
+                l.routes.remove(name);
+                l.routes.is_empty()
+            });
+            if empty { listeners.remove(&key) } else { None }
+        };
+        match emptied {
+            Some(listener) => listener.listening.stop().await,
+            // Fewer routes cannot conflict.
+            None => {
+                let _ = self.rebuild(key, name);
+            }
+        }
     }
 
     async fn install(
@@ -249,24 +409,51 @@ impl Proxy {
         configured: SocketAddr,
     ) -> Result<(), ProxyError> {
         let workers = self.workers()?;
-        let existing = locked(&self.inner.routes)
-            .get(name)
-            .map(|r| r.shared.clone());
-        let shared = match existing {
-            Some(shared) => {
-                shared.config.store(Arc::new(config));
-                shared
+        let (shared, old_config) = self.route_shared(name, config)?;
+        let lshared = Arc::new(ListenerShared::new(name.to_owned()));
+        let routed =
+            router_for(&[(shared.config.load_full(), shared.clone())]).map_err(|message| {
+                ProxyError::Shared {
+                    route: name.to_owned(),
+                    listen: configured,
+                    message,
+                }
+            });
+        let (router, max) = match routed {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(old) = old_config {
+                    shared.config.store(old);
+                }
+                return Err(e);
             }
-            None => Arc::new(RouteShared::new(name, config)),
         };
-        let staged = locked(&self.inner.staged).remove(name);
-        if let Some(backends) = staged {
-            self.apply_backends(name, &shared, backends)?;
-        }
-        let listening = Listening::start(shared.clone(), listener, configured, workers)?;
-        let old = locked(&self.inner.routes).insert(name.to_owned(), Route { shared, listening });
-        if let Some(old) = old {
-            old.listening.stop().await;
+        lshared.max_connections.store(max, Ordering::Relaxed);
+        lshared.router.store(Arc::new(router));
+        // The router is in place before the first accept.
+        let listening = Listening::start(lshared.clone(), listener, configured, workers)?;
+        let key = self.inner.next_listener.fetch_add(1, Ordering::Relaxed);
+        let previous = {
+            let mut routes = locked(&self.inner.routes);
+            let previous = routes.insert(
+                name.to_owned(),
+                Route {
+                    shared,
+                    listener: key,
+                },
+            );
+            locked(&self.inner.listeners).insert(
+                key,
+                Listener {
+                    shared: lshared,
+                    listening,
+                    routes: BTreeSet::from([name.to_owned()]),
+                },
+            );
+            previous
+        };
+        if let Some(previous) = previous {
+            self.leave(previous.listener, name).await;
         }
         Ok(())
     }
@@ -274,42 +461,41 @@ impl Proxy {
     /// A duplicate of the route's listening socket (same socket, same
     /// accept queue), to hand to another process: connections it has not
     /// accepted yet are accepted by whoever accepts next, so none is lost.
+    /// Routes sharing an address share the socket.
     pub fn dup_listener(&self, route: &str) -> Option<std::io::Result<std::net::TcpListener>> {
         let routes = locked(&self.inner.routes);
-        let listening = &routes.get(route)?.listening;
+        let key = routes.get(route)?.listener;
+        let listeners = locked(&self.inner.listeners);
+        let listening = &listeners.get(&key)?.listening;
         Some(listening.fd.try_clone().map(std::net::TcpListener::from))
     }
 
-    /// Every route stops accepting (its listening socket stays open in
+    /// Every listener stops accepting (its listening socket stays open in
     /// whoever holds a [`Proxy::dup_listener`] of it); open connections
     /// finish their in-flight requests and close. For a handover.
     pub fn stop_accepting(&self) {
-        for route in locked(&self.inner.routes).values() {
-            route.listening.halt();
+        for listener in locked(&self.inner.listeners).values() {
+            listener.listening.halt();
         }
     }
 
-    /// Open client connections, over every route.
+    /// Open client connections, over every listener.
     pub fn busy(&self) -> usize {
-        locked(&self.inner.routes)
+        locked(&self.inner.listeners)
             .values()
-            .map(|r| {
-                r.shared
-                    .counters
-                    .connections
-                    .load(std::sync::atomic::Ordering::Acquire)
-            })
+            .map(|l| l.shared.connections.load(Ordering::Acquire))
             .sum()
     }
 
-    /// Stops accepting on the route (the socket is closed when this
-    /// returns); open connections and in-flight requests finish.
+    /// Stops serving the route; when it was the last route of its socket,
+    /// the socket is closed when this returns. Open connections and
+    /// in-flight requests finish.
     pub async fn remove_route(&self, name: &str) -> Result<(), ProxyError> {
         let _ops = self.inner.ops.lock().await;
         let route = locked(&self.inner.routes).remove(name);
         match route {
             Some(route) => {
-                route.listening.stop().await;
+                self.leave(route.listener, name).await;
                 Ok(())
             }
             None => Err(ProxyError::NoSuchRoute(name.to_owned())),
@@ -407,9 +593,10 @@ impl Proxy {
 
     /// The address the route's socket is bound to (resolves port 0).
     pub fn local_addr(&self, route: &str) -> Option<SocketAddr> {
-        locked(&self.inner.routes)
-            .get(route)
-            .map(|r| r.listening.local_addr)
+        let key = locked(&self.inner.routes).get(route)?.listener;
+        locked(&self.inner.listeners)
+            .get(&key)
+            .map(|l| l.listening.local_addr)
     }
 
     /// HTTP requests in flight plus open TCP connections to this backend id,
@@ -488,9 +675,32 @@ impl Proxy {
     /// Stops every route: listeners close; open connections finish.
     pub async fn shutdown(&self) {
         let _ops = self.inner.ops.lock().await;
-        let routes: Vec<Route> = locked(&self.inner.routes).drain().map(|(_, r)| r).collect();
-        for route in routes {
-            route.listening.stop().await;
+        locked(&self.inner.routes).clear();
+        let listeners: Vec<Listener> = locked(&self.inner.listeners)
+            .drain()
+            .map(|(_, l)| l)
+            .collect();
+        for listener in listeners {
+            listener.listening.stop().await;
         }
     }
+}
+
+/// The host router over one listener's routes, and its connection limit.
+fn router_for(
+    members: &[(Arc<RouteConfig>, Arc<RouteShared>)],
+) -> Result<(HostRouter<Arc<RouteShared>>, usize), String> {
+    if members
+        .iter()
+        .any(|(c, _)| c.protocol == Protocol::Tcp && (members.len() > 1 || !c.hosts.is_empty()))
+    {
+        return Err("a TCP route has its address to itself and no `hosts`".into());
+    }
+    let router = HostRouter::new(members.iter().map(|(c, s)| (c.hosts.as_slice(), s.clone())))?;
+    let max = members
+        .iter()
+        .map(|(c, _)| c.max_connections)
+        .min()
+        .unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    Ok((router, max))
 }

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use crate::balance::BackendSet;
 use crate::config::{Protocol, RouteConfig};
 use crate::error::ProxyError;
+use crate::host::HostRouter;
 use crate::stats::{BackendCounters, RouteCounters};
 use crate::workers::{Live, LiveGuard, Workers};
 
@@ -44,22 +45,61 @@ impl RouteShared {
     }
 }
 
-/// Counts one client connection of a route (and on its worker) while
+/// What every connection accepted on one listening socket shares: the
+/// routes behind it by host (one route, or several http routes with
+/// `hosts`), and the socket's open connections.
+#[derive(Debug)]
+pub(crate) struct ListenerShared {
+    /// Swapped whole when a route of the address is added, changed or
+    /// removed; a request loads it once.
+    pub(crate) router: ArcSwap<HostRouter<Arc<RouteShared>>>,
+    /// Open client connections on this socket.
+    pub(crate) connections: std::sync::atomic::AtomicUsize,
+    /// The routes' `max_connections` (the spec makes the routes of one
+    /// address agree; the smallest wins otherwise).
+    pub(crate) max_connections: std::sync::atomic::AtomicUsize,
+    /// Names this listener's errors with.
+    pub(crate) label: String,
+}
+
+impl ListenerShared {
+    pub(crate) fn new(label: String) -> ListenerShared {
+        ListenerShared {
+            router: ArcSwap::from_pointee(HostRouter::default()),
+            connections: Default::default(),
+            max_connections: Default::default(),
+            label,
+        }
+    }
+}
+
+/// Counts one client connection of a listener (and on its worker) while
 /// alive; an upgraded connection (WebSocket) holds it until its tunnel
-/// closes.
+/// closes. On a listener with one route, the route's connection gauge
+/// counts it too; on a shared one the connection belongs to no route.
 #[derive(Debug)]
 pub(crate) struct ConnGuard {
-    pub(crate) route: Arc<RouteShared>,
+    pub(crate) listener: Arc<ListenerShared>,
+    /// The only route of the listener when the connection was accepted.
+    pub(crate) sole: Option<Arc<RouteShared>>,
     pub(crate) over_limit: bool,
     _live: LiveGuard,
 }
 
 impl ConnGuard {
-    fn new(route: Arc<RouteShared>, live: &Arc<Live>) -> ConnGuard {
-        let before = route.counters.connections.fetch_add(1, Ordering::AcqRel);
-        let over_limit = before >= route.config.load().max_connections;
+    fn new(
+        listener: Arc<ListenerShared>,
+        sole: Option<Arc<RouteShared>>,
+        live: &Arc<Live>,
+    ) -> ConnGuard {
+        let before = listener.connections.fetch_add(1, Ordering::AcqRel);
+        if let Some(route) = &sole {
+            route.counters.connections.fetch_add(1, Ordering::AcqRel);
+        }
+        let over_limit = before >= listener.max_connections.load(Ordering::Relaxed);
         ConnGuard {
-            route,
+            listener,
+            sole,
             over_limit,
             _live: LiveGuard::new(live),
         }
@@ -68,14 +108,14 @@ impl ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.route
-            .counters
-            .connections
-            .fetch_sub(1, Ordering::AcqRel);
+        self.listener.connections.fetch_sub(1, Ordering::AcqRel);
+        if let Some(route) = &self.sole {
+            route.counters.connections.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
-/// One listening socket of a route and its accept loop.
+/// One listening socket and its accept loop.
 #[derive(Debug)]
 pub(crate) struct Listening {
     /// The address as configured (port 0 stays 0), to recognise an
@@ -94,13 +134,13 @@ impl Listening {
     /// socket (same accept queue) registered with its worker's runtime: a
     /// connection is served, start to end, by the worker that accepted it.
     pub(crate) fn start(
-        route: Arc<RouteShared>,
+        shared: Arc<ListenerShared>,
         listener: std::net::TcpListener,
         configured: SocketAddr,
         workers: &Workers,
     ) -> Result<Listening, ProxyError> {
         let err = |source| ProxyError::Listener {
-            route: route.name.clone(),
+            route: shared.label.clone(),
             source,
         };
         listener.set_nonblocking(true).map_err(err)?;
@@ -114,7 +154,7 @@ impl Listening {
                 TcpListener::from_std(dup).map_err(err)?
             };
             tasks.push(worker.handle.spawn(accept_loop(
-                route.clone(),
+                shared.clone(),
                 listener,
                 stopped.clone(),
                 worker.live.clone(),
@@ -168,7 +208,7 @@ pub(crate) fn bind(route: &str, listen: SocketAddr) -> Result<std::net::TcpListe
 }
 
 async fn accept_loop(
-    route: Arc<RouteShared>,
+    shared: Arc<ListenerShared>,
     listener: TcpListener,
     mut stopped: watch::Receiver<bool>,
     live: Arc<Live>,
@@ -181,13 +221,21 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let conn = ConnGuard::new(route.clone(), &live);
-                match route.config.load().protocol {
-                    Protocol::Http => {
+                let router = shared.router.load();
+                let sole = router.is_trivial().then(|| router.route(None).cloned());
+                let sole = sole.flatten();
+                drop(router);
+                let tcp = sole
+                    .as_ref()
+                    .filter(|r| r.config.load().protocol == Protocol::Tcp)
+                    .cloned();
+                let conn = ConnGuard::new(shared.clone(), sole, &live);
+                match tcp {
+                    None => {
                         tokio::spawn(crate::http::serve(stream, peer, stopped.clone(), conn));
                     }
-                    Protocol::Tcp => {
-                        tokio::spawn(crate::tcp::serve(route.clone(), stream, conn));
+                    Some(route) => {
+                        tokio::spawn(crate::tcp::serve(route, stream, conn));
                     }
                 }
             }

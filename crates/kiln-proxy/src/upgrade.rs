@@ -25,6 +25,7 @@ use crate::http::{
     BACKEND, Conn, ProxyBody, ResponseDone, UpBody, cause, error_page, forwarded_headers,
     strip_hop_by_hop, text,
 };
+use crate::route::RouteShared;
 use crate::stats::{CLASS_5XX, InFlightGuard, class_of};
 
 /// An HTTP/1.1 request asking to switch protocols: `Connection: upgrade`
@@ -57,11 +58,11 @@ async fn connect(addr: std::net::SocketAddr) -> Result<http1::SendRequest<UpBody
 /// backend (nothing was sent); once sent, the request is not retried.
 pub(crate) async fn forward(
     conn: &Arc<Conn>,
+    route: &RouteShared,
     config: &RouteConfig,
     set: &BackendSet,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let route = &conn.guard.route;
     let name = &route.name;
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();

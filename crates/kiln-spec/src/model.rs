@@ -296,8 +296,17 @@ pub struct Route {
     pub balance: Balance,
     /// HTTP status → host path (relative to the spec) of the HTML page the
     /// proxy answers with instead of its own (502, 503, 504).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "status_keys"
+    )]
     pub error_pages: BTreeMap<u16, String>,
+    /// Host names (`shop.example.com`, `*.example.com`) this route answers
+    /// on its address; empty: every host the address's other routes do not
+    /// claim. Routes with hosts may share an address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
 }
 
 /// A route's load balancing.
@@ -394,5 +403,44 @@ impl fmt::Display for ByteSize {
             }
         }
         write!(f, "{}B", self.bytes)
+    }
+}
+
+/// A map keyed by HTTP status, read from JSON's string keys even where serde
+/// buffers the value first (inside a tagged enum, as the daemon's API
+/// requests are), which cannot turn `"503"` into a `u16` by itself.
+fn status_keys<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<u16, String>, D::Error> {
+    let raw = BTreeMap::<String, String>::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| {
+            k.parse::<u16>()
+                .map(|k| (k, v))
+                .map_err(|_| serde::de::Error::custom(format!("`{k}` is not an HTTP status")))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The daemon's API wraps specs in internally tagged enums: error pages
+    /// must survive the trip there (they once came back as "HTTP 400").
+    #[test]
+    fn error_pages_round_trip_through_a_tagged_enum() {
+        #[derive(Deserialize)]
+        #[serde(tag = "kind")]
+        enum Wrapped {
+            Route { route: Route },
+        }
+        let route = serde_json::json!({
+            "listen": "127.0.0.1:80", "service": "web", "port": "http",
+            "protocol": "http", "error_pages": { "503": "pages/503.html" },
+        });
+        let wrapped = serde_json::json!({ "kind": "Route", "route": route });
+        let Wrapped::Route { route } = serde_json::from_value(wrapped).unwrap();
+        assert_eq!(route.error_pages[&503], "pages/503.html");
+        let back = serde_json::to_value(&route).unwrap();
+        assert_eq!(back["error_pages"]["503"], "pages/503.html");
     }
 }

@@ -282,6 +282,9 @@ pub struct Route {
     pub balance: Option<String>,
     /// "502" | "503" | "504" → HTML file relative to kiln.toml.
     pub error_pages: Option<BTreeMap<String, String>>,
+    /// Host names ("shop.example.com", "*.example.com") matched against the
+    /// Host header; http routes on one address must name different hosts.
+    pub hosts: Option<Vec<String>>,
 }
 
 #[derive(Debug, JsonSchema)]

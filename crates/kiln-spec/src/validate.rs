@@ -49,6 +49,7 @@ pub(crate) const ROUTE_KEYS: &[&str] = &[
     "max_connections",
     "balance",
     "error_pages",
+    "hosts",
 ];
 pub(crate) const RUNTIME_KEYS: &[&str] = &["driver"];
 pub(crate) const POLICY_KEYS: &[&str] = &["require_signed", "trusted_keys", "keep_generations"];
@@ -568,6 +569,7 @@ fn read_routes(
 ) -> BTreeMap<String, Route> {
     let mut routes = BTreeMap::new();
     let mut listens: Vec<(SocketAddr, Range<usize>, String)> = Vec::new();
+    let mut shared: Vec<SharedListen> = Vec::new();
     let service_names = declared(root, "service");
     for (name, t) in named(ctx, root, "route", "route") {
         t.deny_unknown(ctx, ROUTE_KEYS);
@@ -599,9 +601,12 @@ fn read_routes(
             }
         });
         if let Some((a, span)) = &addr {
+            // The same address may be shared by http routes told apart by
+            // `hosts` (checked once every route is read).
             let clash = listens.iter().find(|(b, _, _)| {
                 a.port() != 0
                     && a.port() == b.port()
+                    && a != b
                     && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
             });
             if let Some((b, bspan, other)) = clash {
@@ -640,6 +645,7 @@ fn read_routes(
             found.map(|f| (s.clone(), f, span.clone()))
         });
         let port = t.str(ctx, "port");
+        let hosts = read_hosts(ctx, &t, &name);
         let maintenance = t.bool(ctx, "maintenance").unwrap_or(false);
         let timeout = t.duration(ctx, "timeout");
         if let Some(d) = timeout
@@ -746,7 +752,25 @@ fn read_routes(
             );
             continue;
         }
-        if let Some((a, _)) = addr {
+        if protocol == Protocol::Tcp
+            && let Some(span) = t.key_span("hosts")
+        {
+            ctx.push(
+                Diagnostic::new(span, format!("route `{name}` is tcp and has `hosts`"))
+                    .label("hosts are matched against HTTP's Host header")
+                    .hint("remove `hosts`, or make the route `protocol = \"http\"`"),
+            );
+            continue;
+        }
+        if let Some((a, span)) = addr {
+            shared.push(SharedListen {
+                addr: a,
+                span,
+                route: name.clone(),
+                hosts: hosts.clone(),
+                http: protocol == Protocol::Http,
+                max_connections,
+            });
             routes.insert(
                 name,
                 Route {
@@ -759,11 +783,136 @@ fn read_routes(
                     max_connections,
                     balance,
                     error_pages,
+                    hosts: hosts.into_iter().map(|(h, _)| h).collect(),
                 },
             );
         }
     }
+    check_shared_listens(ctx, &shared);
     routes
+}
+
+/// A route's listen address, kept to check the routes that share one.
+struct SharedListen {
+    addr: SocketAddr,
+    span: Range<usize>,
+    route: String,
+    hosts: Vec<(String, Range<usize>)>,
+    http: bool,
+    max_connections: Option<u32>,
+}
+
+/// `hosts = ["shop.example", "*.shop.example"]`: DNS names, lowercase,
+/// each optionally starting with `*.` (any subdomain), no port.
+fn read_hosts(ctx: &mut Ctx, t: &Table<'_, '_>, route: &str) -> Vec<(String, Range<usize>)> {
+    let mut out: Vec<(String, Range<usize>)> = Vec::new();
+    for (host, span) in t.strings(ctx, "hosts").unwrap_or_default() {
+        let name = host.strip_prefix("*.").unwrap_or(&host);
+        let valid = !name.is_empty()
+            && host.len() <= 253
+            && name.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+                    && label
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            });
+        if !valid {
+            ctx.push(
+                Diagnostic::new(span, format!("`{host}` is not a host name route `{route}` can match"))
+                    .label("invalid host")
+                    .hint("write a lowercase DNS name without a port, like \"shop.example.com\", or \"*.example.com\" for every subdomain"),
+            );
+        } else if let Some((_, first)) = out.iter().find(|(h, _)| *h == host) {
+            ctx.push(
+                Diagnostic::new(span, format!("host `{host}` is listed twice"))
+                    .label("duplicate")
+                    .related(first.clone(), "first here")
+                    .hint("list each host once"),
+            );
+        } else {
+            out.push((host, span));
+        }
+    }
+    out
+}
+
+/// Routes on one address (not port 0) must all be http, name different
+/// hosts, have at most one default (no `hosts`), and agree on
+/// `max_connections` (a limit of the shared listener).
+fn check_shared_listens(ctx: &mut Ctx, listens: &[SharedListen]) {
+    let mut groups: BTreeMap<SocketAddr, Vec<&SharedListen>> = BTreeMap::new();
+    for l in listens.iter().filter(|l| l.addr.port() != 0) {
+        groups.entry(l.addr).or_default().push(l);
+    }
+    for (addr, group) in groups.into_iter().filter(|(_, g)| g.len() > 1) {
+        let first = group[0];
+        if let Some(tcp) = group.iter().find(|l| !l.http) {
+            let other = group
+                .iter()
+                .find(|l| l.route != tcp.route)
+                .unwrap_or(&first);
+            ctx.push(
+                Diagnostic::new(tcp.span.clone(), format!("routes `{}` and `{}` both listen on {addr}, and `{}` is tcp", other.route, tcp.route, tcp.route))
+                    .label("a tcp route needs its own address")
+                    .related(other.span.clone(), format!("`{}` listens here", other.route))
+                    .hint("give the tcp route its own listen address; http routes may share one with `hosts`"),
+            );
+            continue;
+        }
+        let defaults: Vec<&&SharedListen> = group.iter().filter(|l| l.hosts.is_empty()).collect();
+        if defaults.len() > 1 {
+            ctx.push(
+                Diagnostic::new(defaults[1].span.clone(), format!("routes `{}` and `{}` both listen on {addr} for every host", defaults[0].route, defaults[1].route))
+                    .label("no `hosts` to tell them apart")
+                    .related(defaults[0].span.clone(), format!("`{}` listens here", defaults[0].route))
+                    .hint("give one of them `hosts = [\"name.example.com\"]` (the route without `hosts` gets every other host), or its own address"),
+            );
+        }
+        let mut seen: BTreeMap<&str, (&str, Range<usize>)> = BTreeMap::new();
+        for l in &group {
+            for (host, span) in &l.hosts {
+                if let Some((route, first)) = seen.get(host.as_str()) {
+                    ctx.push(
+                        Diagnostic::new(
+                            span.clone(),
+                            format!(
+                                "host `{host}` on {addr} is claimed by routes `{route}` and `{}`",
+                                l.route
+                            ),
+                        )
+                        .label("claimed twice")
+                        .related(first.clone(), format!("`{route}` claims it here"))
+                        .hint("each host of an address goes to one route"),
+                    );
+                } else {
+                    seen.insert(host, (&l.route, span.clone()));
+                }
+            }
+        }
+        if let Some(l) = group
+            .iter()
+            .find(|l| l.max_connections != first.max_connections)
+        {
+            ctx.push(
+                Diagnostic::new(
+                    l.span.clone(),
+                    format!(
+                        "routes `{}` and `{}` share {addr} with different `max_connections`",
+                        first.route, l.route
+                    ),
+                )
+                .label("one listener, one limit")
+                .related(
+                    first.span.clone(),
+                    format!("`{}` listens here", first.route),
+                )
+                .hint("give the routes of one address the same `max_connections`"),
+            );
+        }
+    }
 }
 
 pub(crate) fn protocol(

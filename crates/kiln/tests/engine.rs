@@ -49,6 +49,11 @@ fn expect_code(out: &Output, code: i32) {
 
 /// `GET path` over a fresh connection; the status code and the body.
 fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    http_get_host(addr, &addr.to_string(), path)
+}
+
+/// `GET path` with this `Host` header over a fresh connection.
+fn http_get_host(addr: SocketAddr, host: &str, path: &str) -> Result<(u16, String), String> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .map_err(|e| format!("connect to {addr}: {e}"))?;
     stream
@@ -56,7 +61,7 @@ fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
         .map_err(|e| e.to_string())?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )
     .map_err(|e| format!("write to {addr}: {e}"))?;
     let mut raw = Vec::new();
@@ -1216,4 +1221,146 @@ fn down_stops_everything_and_the_volume_stays() {
     );
     let starts: u64 = p.get("/starts").trim().parse().unwrap();
     assert_eq!(starts, 6);
+}
+
+/// A port nothing listens on right now (the kernel's pick), for routes that
+/// must share one fixed address.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+#[test]
+fn two_routes_on_one_address_are_told_apart_by_host() {
+    if !can_run("two_routes_on_one_address_are_told_apart_by_host") {
+        return;
+    }
+    let port = free_port();
+    let listen = format!("listen = \"127.0.0.1:{port}\"");
+    let p = Hello::new(|s| {
+        // A second service, `api`, with its own greeting, and its route on
+        // the same address as `web`'s, for the hosts under api.example.com.
+        let env = s
+            .lines()
+            .find(|l| l.starts_with("env = "))
+            .expect("the copy's env line")
+            .to_owned();
+        let s = s.replace("listen = \"127.0.0.1:0\"", &listen);
+        format!(
+            r#"{s}
+[service.api]
+image = "hello"
+command = ["/app/hello", "--port", "${{PORT}}", "--config", "/etc/hello/config.toml", "--data", "/data"]
+{env}
+files = {{ "/etc/hello/config.toml" = "config/api.toml" }}
+volumes = {{ "/data" = "hello-data" }}
+ports = {{ http = {{}} }}
+health = {{ http = "/healthz", port = "http", interval = "1s", timeout = "500ms", healthy = 2 }}
+
+[route.api]
+{listen}
+service = "api"
+port = "http"
+hosts = ["api.example.com", "*.api.example.com"]
+"#
+        )
+    });
+    std::fs::write(p.path().join("config/api.toml"), "greeting = \"api\"\n").unwrap();
+    p.apply_ok();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let answer = |host: &str| http_get_host(addr, host, "/").ok();
+    wait_until("both services answer on the shared address", || {
+        let api = answer("api.example.com")?;
+        let web = answer("example.com")?;
+        (api.0 == 200 && web.0 == 200).then_some(())
+    });
+    for (host, want) in [
+        ("api.example.com", "api from api-"),
+        (&*format!("API.Example.com:{port}"), "api from api-"),
+        ("v2.api.example.com", "api from api-"),
+        ("api.example.com.", "api from api-"),
+        ("example.com", "hello from web-"),
+        (&*format!("127.0.0.1:{port}"), "hello from web-"),
+    ] {
+        let got = answer(host);
+        assert!(
+            got.as_ref()
+                .is_some_and(|(code, body)| *code == 200 && body.starts_with(want)),
+            "Host: {host}: {got:?}"
+        );
+    }
+    let status = p.status();
+    let routes = status["routes"].as_array().unwrap();
+    let api = routes.iter().find(|r| r["name"] == "api").unwrap();
+    assert_eq!(api["hosts"][1], "*.api.example.com", "{status:#}");
+    assert_eq!(api["listen"], format!("127.0.0.1:{port}"));
+
+    // `web` gets hosts of its own: no default is left, other hosts get 404,
+    // and `api`, on the same socket, keeps serving.
+    let before = ids(&p.status());
+    p.edit(
+        "kiln.toml",
+        &format!("{listen}\nservice = \"web\""),
+        &format!("{listen}\nservice = \"web\"\nhosts = [\"www.example.com\"]"),
+    );
+    p.apply_ok();
+    let (code, body) = answer("example.com").expect("an answer");
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("no route for this host"), "{body}");
+    assert!(
+        answer("www.example.com")
+            .is_some_and(|(c, b)| c == 200 && b.starts_with("hello from web-"))
+    );
+    assert!(
+        answer("api.example.com").is_some_and(|(c, b)| c == 200 && b.starts_with("api from api-"))
+    );
+    assert_eq!(
+        ids(&p.status()),
+        before,
+        "a route change replaces no instance"
+    );
+}
+
+#[test]
+fn a_custom_error_page_is_served_changed_and_rolled_back_without_a_replacement() {
+    if !can_run("a_custom_error_page_is_served_changed_and_rolled_back_without_a_replacement") {
+        return;
+    }
+    let p = Hello::new(|s| {
+        format!("{s}maintenance = true\nerror_pages = {{ \"503\" = \"pages/503.html\" }}\n")
+    });
+    std::fs::create_dir_all(p.path().join("pages")).unwrap();
+    std::fs::write(p.path().join("pages/503.html"), "<h1>back soon</h1>\n").unwrap();
+    p.apply_ok();
+    let first = ids(&p.converged());
+    let page = |p: &Hello| http_get(p.route(), "/").expect("an answer");
+    assert_eq!(page(&p), (503, "<h1>back soon</h1>\n".to_owned()));
+
+    // A new page: a new generation that reconfigures the route only.
+    std::fs::write(p.path().join("pages/503.html"), "<h1>later</h1>\n").unwrap();
+    let out = p.apply_ok();
+    assert!(out.contains("Generation 2 is active."), "{out}");
+    assert_eq!(page(&p), (503, "<h1>later</h1>\n".to_owned()));
+    assert_eq!(ids(&p.converged()), first, "no instance was replaced");
+
+    // The first page comes back from the content store, though the
+    // project file has the new one.
+    p.ok(&["rollback", "1", "-C", "."]);
+    assert_eq!(p.converged()["active_generation"], 3);
+    assert_eq!(page(&p), (503, "<h1>back soon</h1>\n".to_owned()));
+    assert_eq!(ids(&p.converged()), first, "no instance was replaced");
+
+    // A page that does not exist is refused at apply, named.
+    p.edit("kiln.toml", "pages/503.html", "pages/gone.html");
+    let out = p.apply();
+    assert_ne!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("pages/gone.html"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(p.history().len(), 3, "no generation was recorded");
+    assert_eq!(page(&p), (503, "<h1>back soon</h1>\n".to_owned()));
 }

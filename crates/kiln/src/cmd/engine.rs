@@ -469,9 +469,15 @@ fn print_status(s: &Status) {
                 .iter()
                 .map(|(id, _, w)| format!("{id} {}%", f64::from(*w) / 100.0))
                 .collect();
+            // Routes sharing an address: which hosts each one serves.
+            let listen = if r.hosts.is_empty() {
+                r.listen.clone()
+            } else {
+                format!("{} ({})", r.listen, r.hosts.join(", "))
+            };
             rows.push([
                 r.name.clone(),
-                r.listen.clone(),
+                listen,
                 r.service.clone(),
                 if backends.is_empty() {
                     "none".into()
