@@ -16,20 +16,19 @@
 //! machine): skipped loudly without them, failed in strict mode.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[path = "support/env.rs"]
 mod env;
 #[path = "support/mounts.rs"]
 mod mounts;
 
-use env::{repo, sandbox_unavailable, say, show, text};
+use env::{http, kiln_command, repo, sandbox_unavailable, say, show, text};
 
 /// How long a condition may take to come true. The first apply builds the
 /// PostgreSQL image (download, verify, unpack ≈ 400 MB of files).
@@ -75,36 +74,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port()
-}
-
-// ---- HTTP ---------------------------------------------------------------
-
-/// `METHOD path` over a fresh connection: the status and the body.
-fn http(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String), String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .map_err(|e| format!("connect to {addr}: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(90)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("write to {addr}: {e}"))?;
-    let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .map_err(|e| format!("read from {addr}: {e}"))?;
-    let raw = text(&raw);
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no HTTP head in {raw:?}"))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("no status in {head:?}"))?;
-    Ok((code, body.to_owned()))
 }
 
 // ---- the project --------------------------------------------------------
@@ -168,15 +137,8 @@ impl Shop {
     }
 
     fn kiln(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_kiln"))
+        kiln_command(self.path())
             .args(args)
-            .current_dir(self.path())
-            .env("NO_COLOR", "1")
-            .env_remove("KILN_HOME")
-            .env_remove("KILN_STATE_DIR")
-            .env_remove("KILN_IMAGE_STORE")
-            .env_remove("KILN_FAILPOINT")
-            .stdin(Stdio::null())
             .output()
             .expect("kiln runs")
     }
@@ -211,18 +173,8 @@ impl Drop for Shop {
     }
 }
 
-fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            started.elapsed() < DEADLINE,
-            "timed out after {DEADLINE:?} waiting for: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_until<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    env::wait_until(what, DEADLINE, f)
 }
 
 // ---- load and watch -----------------------------------------------------

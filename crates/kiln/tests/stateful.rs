@@ -11,11 +11,10 @@
 //! is skipped loudly, or fails when `KILN_STRICT_TESTS=true`. No timing is
 //! asserted; every wait polls a condition up to a generous deadline.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -123,17 +122,8 @@ impl Project {
     }
 
     fn kiln(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_kiln"))
+        env::kiln_command(self.path())
             .args(args)
-            .current_dir(self.path())
-            .env("NO_COLOR", "1")
-            .env_remove("KILN_HOME")
-            .env_remove("KILN_STATE_DIR")
-            .env_remove("KILN_IMAGE_STORE")
-            .env_remove("KILN_DRIFT_INTERVAL")
-            .env_remove("KILN_FAILPOINT")
-            .env_remove("SOURCE_DATE_EPOCH")
-            .stdin(Stdio::null())
             .output()
             .expect("kiln runs")
     }
@@ -228,41 +218,12 @@ fn instances(status: &Value) -> Vec<Value> {
 }
 
 #[track_caller]
-fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            started.elapsed() < DEADLINE,
-            "timed out after {DEADLINE:?} waiting for: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_until<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    env::wait_until(what, DEADLINE, f)
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .map_err(|e| format!("connect to {addr}: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).map_err(|e| e.to_string())?;
-    let raw = text(&raw);
-    let (head, body) = raw.split_once("\r\n\r\n").ok_or("no HTTP head")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or("no status")?;
-    Ok((code, body.to_owned()))
+    env::http(addr, "GET", path)
 }
 
 /// `sha256:<hex>` in a backup event's message.

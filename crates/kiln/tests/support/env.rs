@@ -103,3 +103,98 @@ pub fn show(out: &Output) -> String {
         text(&out.stderr)
     )
 }
+
+/// The `kiln` binary run in `dir`, without colour and without the
+/// environment variables that would point it at another state, image store
+/// or failpoint.
+pub fn kiln_command(dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.current_dir(dir)
+        .env("NO_COLOR", "1")
+        .env_remove("KILN_HOME")
+        .env_remove("KILN_STATE_DIR")
+        .env_remove("KILN_IMAGE_STORE")
+        .env_remove("KILN_DRIFT_INTERVAL")
+        .env_remove("KILN_FAILPOINT")
+        .env_remove("KILN_FAILPOINTS")
+        .env_remove("SOURCE_DATE_EPOCH")
+        .stdin(std::process::Stdio::null());
+    cmd
+}
+
+/// Polls `f` every 100 ms until it gives a value; fails after `limit`
+/// naming `what`.
+#[track_caller]
+pub fn wait_until<T>(
+    what: &str,
+    limit: std::time::Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// `METHOD path` (no body) over a fresh connection with `Connection:
+/// close`: the status and the body (de-chunked).
+pub fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> Result<(u16, String), String> {
+    use std::io::Read;
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(10))
+            .map_err(|e| format!("connect to {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(90)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("write to {addr}: {e}"))?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .map_err(|e| format!("read from {addr}: {e}"))?;
+    let raw = text(&raw);
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no HTTP head in {raw:?}"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status in {head:?}"))?;
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    Ok((
+        code,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        },
+    ))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
