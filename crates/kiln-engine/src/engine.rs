@@ -985,16 +985,26 @@ impl Engine {
             })?;
             config.error_pages.insert(*status, bytes.into());
         }
-        let inherited = self
-            .inherited
-            .lock()
-            .expect("inherited")
-            .remove(name)
-            .filter(|l| {
+        let inherited = {
+            let mut inherited = self.inherited.lock().expect("inherited");
+            let own = inherited.remove(name).filter(|l| {
                 l.local_addr().is_ok_and(|a| {
                     a.ip() == listen.ip() && (listen.port() == 0 || a.port() == listen.port())
                 })
             });
+            // Routes sharing an address were handed one socket, under one
+            // of their names: the others serve on a duplicate of it.
+            own.or_else(|| {
+                (listen.port() != 0)
+                    .then(|| {
+                        inherited
+                            .values()
+                            .find(|l| l.local_addr().is_ok_and(|a| a == listen))
+                            .and_then(|l| l.try_clone().ok())
+                    })
+                    .flatten()
+            })
+        };
         // The backends are known before the socket accepts: staged for a
         // new route, so no request meets an empty set.
         let weights = self.rotation_weights(&route.service)?;

@@ -283,10 +283,19 @@ async fn run(engine: Arc<Engine>, request: Request, tx: Progress) {
             // No change may be in flight while the sockets move, and none
             // may start after: the lock is held until this daemon stops.
             let _guard = engine.rollout.lock().await;
+            // One socket per address: routes sharing one (by host) find it
+            // by address in the new daemon.
+            let mut addresses = std::collections::HashSet::new();
             let listeners: Vec<(String, std::net::TcpListener)> = engine
                 .proxy()
                 .routes()
                 .into_iter()
+                .filter(|(name, _)| {
+                    engine
+                        .proxy()
+                        .local_addr(name)
+                        .is_none_or(|a| addresses.insert(a))
+                })
                 .filter_map(|(name, _)| {
                     engine
                         .proxy()

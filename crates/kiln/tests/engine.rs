@@ -1321,6 +1321,34 @@ hosts = ["api.example.com", "*.api.example.com"]
         before,
         "a route change replaces no instance"
     );
+
+    // An upgrade hands the one socket over; both routes serve on it in the
+    // new daemon.
+    let old = p.status()["daemon_pid"].as_u64().unwrap();
+    let mut new = p
+        .command(&["daemon", ".", "--takeover"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kiln daemon starts");
+    wait_until("the new daemon to serve", || {
+        let out = p.kiln(&["status", ".", "--json"]);
+        let status: Value = serde_json::from_slice(&out.stdout).ok()?;
+        (status["daemon_pid"].as_u64() == Some(u64::from(new.id()))).then_some(())
+    });
+    wait_until("the old daemon to exit", || {
+        (!Path::new(&format!("/proc/{old}")).exists()).then_some(())
+    });
+    assert!(
+        answer("www.example.com")
+            .is_some_and(|(c, b)| c == 200 && b.starts_with("hello from web-"))
+    );
+    assert!(
+        answer("api.example.com").is_some_and(|(c, b)| c == 200 && b.starts_with("api from api-"))
+    );
+    assert_eq!(answer("example.com").map(|a| a.0), Some(404));
+    let _ = p.kiln(&["down", "."]);
+    let _ = new.wait();
 }
 
 #[test]
