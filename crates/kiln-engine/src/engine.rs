@@ -976,13 +976,28 @@ impl Engine {
         let pages = generation.route_pages(name);
         for (status, digest) in &pages {
             let stored = self.materials.files_dir().join(digest.hex());
-            let bytes = std::fs::read(&stored).map_err(|e| {
-                format!(
-                    "route {name}: error page {status} ({}) cannot be read from {}: {e}\n  hint: apply the project again",
-                    route.error_pages.get(status).map_or("?", String::as_str),
-                    stored.display()
-                )
-            })?;
+            let source = route.error_pages.get(status).map_or("?", String::as_str);
+            let read = |stored: &std::path::Path| {
+                std::fs::read(stored)
+                    .ok()
+                    .filter(|bytes| &kiln_plan::Digest::of(bytes) == digest)
+            };
+            // A stored page that went missing or changed is written again
+            // from the project file if that still has the content.
+            let bytes = match read(&stored) {
+                Some(bytes) => bytes,
+                None => self
+                    .materials
+                    .restore_file(generation, digest)
+                    .ok()
+                    .and_then(|()| read(&stored))
+                    .ok_or_else(|| {
+                        format!(
+                            "route {name}: error page {status} ({source}, {digest}) is missing or changed in {}\n  hint: apply the project again",
+                            stored.display()
+                        )
+                    })?,
+            };
             config.error_pages.insert(*status, bytes.into());
         }
         let inherited = {
