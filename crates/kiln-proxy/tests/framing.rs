@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
-use kiln_proxy::Backend;
+use kiln_proxy::{Backend, Protocol, Proxy, RouteConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -70,7 +70,18 @@ async fn raw_backend() -> (SocketAddr, Arc<AtomicUsize>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bodies_are_framed_and_connections_reused() {
     let (raw, connections) = raw_backend().await;
-    let (proxy, addr) = http_proxy(vec![Backend::new("raw", raw, 1)]).await;
+    // One worker thread: backend pools are per worker, and a client
+    // connection the proxy closed may come back on another worker, whose
+    // pool would open a second backend connection.
+    let proxy = Proxy::with_workers(1);
+    proxy
+        .configure_route("web", RouteConfig::new(localhost(), Protocol::Http))
+        .await
+        .unwrap();
+    proxy
+        .set_backends("web", vec![Backend::new("raw", raw, 1)])
+        .unwrap();
+    let addr = proxy.local_addr("web").unwrap();
     let client = client();
     let url = |path: &str| format!("http://{addr}{path}");
 
