@@ -146,6 +146,16 @@ pub fn wait_until<T>(
 /// `METHOD path` (no body) over a fresh connection with `Connection:
 /// close`: the status and the body (de-chunked).
 pub fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> Result<(u16, String), String> {
+    http_to_host(addr, method, &addr.to_string(), path)
+}
+
+/// [`http`] with this `Host` header.
+pub fn http_to_host(
+    addr: std::net::SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+) -> Result<(u16, String), String> {
     use std::io::Read;
     let mut stream =
         std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(10))
@@ -155,7 +165,7 @@ pub fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> Result<(u16
         .map_err(|e| e.to_string())?;
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .map_err(|e| format!("write to {addr}: {e}"))?;
     let mut raw = Vec::new();
